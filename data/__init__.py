@@ -1,0 +1,1 @@
+"""flaxpod data package."""

@@ -1,0 +1,1 @@
+"""flaxpod model package."""

@@ -1,0 +1,1 @@
+"""flaxpod tools package."""

@@ -1,0 +1,1 @@
+"""flaxpod train package."""
