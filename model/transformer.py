@@ -1,0 +1,127 @@
+"""The decoder-only transformer: GPT-2 and Llama families from one module, chosen by config."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes as ax
+from model.axes import constrain
+from model.layers import MLP, Attention, Norm, attention_mask, dropout, make_param
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def mlp_width(cfg) -> int:
+    if cfg.d_ff:
+        return cfg.d_ff
+    if cfg.family == "gpt2":
+        return 4 * cfg.d_model
+    return 64 * -(-(8 * cfg.d_model // 3) // 64)  # Llama's 8/3 rule, rounded up to 64
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block. Built with `stack` layers; called on one layer's slice."""
+
+    def __init__(self, cfg, *, stack: int, rngs: nnx.Rngs):
+        rms, bias = cfg.family == "llama", cfg.bias and cfg.family == "gpt2"
+        self.dropout_rate = cfg.dropout
+        self.attn_norm = Norm(cfg.d_model, rms=rms, bias=bias, eps=cfg.norm_eps, stack=stack)
+        self.attn = Attention(cfg, stack=stack, rngs=rngs)
+        self.mlp_norm = Norm(cfg.d_model, rms=rms, bias=bias, eps=cfg.norm_eps, stack=stack)
+        self.mlp = MLP(cfg, d_ff=mlp_width(cfg), stack=stack, rngs=rngs)
+
+    def __call__(self, x, positions, mask, key: jax.Array | None) -> jax.Array:
+        keys = jax.random.split(key, 3) if key is not None else (None, None, None)
+        h = self.attn(self.attn_norm(x), positions, mask, keys[0])
+        x = x + dropout(h, self.dropout_rate, keys[1])
+        h = self.mlp(self.mlp_norm(x))
+        x = x + dropout(h, self.dropout_rate, keys[2])
+        return constrain(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+
+
+class Transformer(nnx.Module):
+    """tokens [B, T] -> float32 logits [B, T, vocab].
+
+    `segment_ids` (0 = padding, 1.. = documents) keep attention inside a document of a packed
+    row; `positions` restart per document. Without them the row is one causal sequence.
+    """
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), 0, std=cfg.init_std)
+        self.pos_embed = (
+            make_param(rngs, (cfg.max_seq_len or cfg.seq_len, d), (ax.POSITION, ax.EMBED), 0,
+                       std=cfg.init_std)
+            if cfg.family == "gpt2" else None
+        )
+        self.blocks = Block(cfg, stack=cfg.n_layer, rngs=rngs)
+        rms, bias = cfg.family == "llama", cfg.bias and cfg.family == "gpt2"
+        self.final_norm = Norm(d, rms=rms, bias=bias, eps=cfg.norm_eps)
+        self.lm_head = (
+            None if cfg.tie_embeddings
+            else make_param(rngs, (d, cfg.vocab_size), (ax.EMBED, ax.VOCAB), 0, std=cfg.init_std)
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        keys = (None,) * 2 if dropout_key is None else tuple(jax.random.split(dropout_key, 2))
+
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0)
+        x = constrain(dropout(x, cfg.dropout, keys[0]).astype(dtype), (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+        mask = attention_mask(segment_ids, t)
+        x = self.run_blocks(x, positions, mask, keys[1])
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
+
+    def run_blocks(self, x, positions, mask, key: jax.Array | None) -> jax.Array:
+        cfg = self.cfg
+        graphdef, stacked = nnx.split(self.blocks)
+        layer_keys = None if key is None else jax.random.split(key, cfg.n_layer)
+
+        def body(h, layer):
+            params, layer_key = layer
+            return nnx.merge(graphdef, params)(h, positions, mask, layer_key), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
+            return x
+        for i in range(cfg.n_layer):
+            params_i = jax.tree.map(lambda a, i=i: a[i], stacked)
+            x, _ = body(x, (params_i, None if layer_keys is None else layer_keys[i]))
+        return x
+
+
+def count_params(params, *, exclude_embeddings: bool = False) -> int:
+    """Parameter count of a (pure-dict) parameter tree; without the token and position
+    embeddings when asked (the PaLM/nanoGPT MFU convention)."""
+    total = sum(x.size for x in jax.tree.leaves(params))
+    if exclude_embeddings:
+        total -= params["embed"].size
+        if params.get("pos_embed") is not None:
+            total -= params["pos_embed"].size
+    return total

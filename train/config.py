@@ -1,0 +1,433 @@
+"""Typed run configuration: nested dataclasses, loaded from YAML, overridden as `key.sub=value`.
+
+Every field carries a docstring-style comment; `flaxpod config-reference` prints them, so the README's
+reference is generated from this file and cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt2"
+    """Architecture family: `gpt2` (LayerNorm, learned positions, GELU, tied head) or `llama` (RMSNorm, RoPE, SwiGLU, GQA)."""
+    n_layer: int = 4
+    """Number of transformer blocks (scanned, so compile time does not grow with depth)."""
+    n_head: int = 4
+    """Attention (query) heads."""
+    n_kv_head: int = 0
+    """Key/value heads for grouped-query attention; 0 means equal to n_head."""
+    d_model: int = 128
+    """Residual stream width."""
+    d_ff: int = 0
+    """MLP hidden width; 0 means 4*d_model for gpt2 and the Llama rule (8/3*d_model rounded up to 256) for llama."""
+    seq_len: int = 256
+    """Training context length; must not exceed max_seq_len."""
+    max_seq_len: int = 0
+    """Longest context the model supports (size of learned positions); 0 means seq_len."""
+    vocab_size: int = 0
+    """Embedding rows; 0 means the tokenizer's vocabulary rounded up to a multiple of 64. Must be >= the tokenizer's."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorm (gpt2 family only; llama has none)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    dropout: float = 0.0
+    """Dropout rate on attention probabilities, residual branches and embeddings."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (llama family)."""
+    norm_eps: float = 1e-5
+    """Epsilon of LayerNorm / RMSNorm."""
+    dtype: str = "float32"
+    """Compute dtype (`float32` or `bfloat16`); parameters stay float32."""
+    attention: str = "einsum"
+    """Attention kernel: `einsum` (plain XLA, fastest on CPU) or `fused` (jax.nn.dot_product_attention)."""
+    attention_impl: str = "xla"
+    """Implementation for `fused` attention: `xla` or `cudnn` (GPU)."""
+    remat: str = "none"
+    """Rematerialization of each block in the backward pass: `none`, `full`, or `dots` (save matmul outputs)."""
+    scan_layers: bool = True
+    """Run the blocks with lax.scan over stacked parameters (fast compile) instead of a Python loop."""
+    init_std: float = 0.02
+    """Standard deviation of weight initialization (output projections are scaled by 1/sqrt(2*n_layer))."""
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "sentencepiece"
+    """`char` (nanoGPT's character tokenizer) or `sentencepiece` (trained in-process if the run has none)."""
+    vocab_size: int = 4096
+    """SentencePiece vocabulary size when training one."""
+    model_type: str = "bpe"
+    """SentencePiece model type: `bpe` or `unigram`."""
+    path: str = ""
+    """Existing tokenizer directory (with tokenizer.model or tokenizer.json) to use instead of training."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "stdlib"
+    """Text file, directory or glob (comma-separated for several), a prepared dataset directory, or `stdlib` (the built-in corpus: Python's own standard library sources)."""
+    batch_size: int = 32
+    """Global batch size in sequences per optimizer step (all processes and micro-batches together)."""
+    val_fraction: float = 0.1
+    """Fraction of the tokens, taken from the end, held out for validation (text files)."""
+    window_stride: int = 0
+    """Offset between training windows; 0 means seq_len (no overlap), 1 samples every offset like nanoGPT."""
+    max_bytes: int = 0
+    """Read at most this many bytes of text (0: all); keeps quick runs quick."""
+    weights: list[float] = field(default_factory=list)
+    """Mixture weights when `path` lists several prepared datasets (comma-separated); empty means equal."""
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1
+    """Data-parallel axis size (replicated parameters). -1 absorbs the remaining devices."""
+    fsdp: int = 1
+    """Fully-sharded data-parallel axis size (parameters and optimizer state sharded, batch split)."""
+    tensor: int = 1
+    """Tensor-parallel axis size (heads and MLP columns split)."""
+    rules: str = "fsdp_tp"
+    """Logical-axis rule preset: `dp`, `fsdp`, or `fsdp_tp` (see sharding/rules.py)."""
+    rule_overrides: dict[str, Any] = field(default_factory=dict)
+    """Per-logical-axis overrides of the preset, e.g. {vocab: null, mlp: [fsdp, tensor]}."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Final learning rate of the decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps from 0 to lr."""
+    schedule: str = "cosine"
+    """Decay after warm-up: `cosine`, `linear`, or `constant`."""
+    decay_steps: int = 0
+    """Steps over which lr decays to min_lr, counted from step 0 like nanoGPT's lr_decay_iters; 0 means train.steps."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices and embeddings only (not norms or biases)."""
+    grad_clip: float = 1.0
+    """Global-norm gradient clipping; 0 disables."""
+    z_loss: float = 0.0
+    """Weight of the z-loss (log(Z)^2) that keeps logits from drifting; 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps to train."""
+    log_every: int = 10
+    """Steps between metric rows / progress lines (metrics are fetched from the device only then)."""
+    eval_every: int = 100
+    """Steps between validation evaluations; 0 disables (an evaluation also runs at the end)."""
+    eval_steps: int = 10
+    """Validation batches per evaluation."""
+    grad_accum: int = 1
+    """Micro-batches per step; the global batch is split into this many and gradients are averaged."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Steps between checkpoints (one is always written at the end); 0 writes only the final one."""
+    keep: int = 3
+    """Most recent checkpoints to keep."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN_DIR/tensorboard."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device for MFU; 0 means: measured (CPU, large matmul) or the chip's bf16 figure."""
+    show_sharding: bool = False
+    """Print each parameter's shape, partition spec and bytes per device at start-up."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Output directory: config.yaml, tokenizer, checkpoints/, tensorboard/, metrics.jsonl. Re-running resumes."""
+    seed: int = 0
+    """Seed for parameters, data order and dropout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+CHOICES = {
+    "model.family": ("gpt2", "llama"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.attention": ("einsum", "fused"),
+    "model.attention_impl": ("xla", "cudnn"),
+    "model.remat": ("none", "full", "dots"),
+    "tokenizer.kind": ("char", "sentencepiece"),
+    "tokenizer.model_type": ("bpe", "unigram"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
+}
+
+POSITIVE = (
+    "model.n_layer", "model.n_head", "model.d_model", "model.seq_len", "data.batch_size",
+    "train.steps", "train.log_every", "train.grad_accum", "train.eval_steps", "checkpoint.keep",
+    "tokenizer.vocab_size",
+)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Single-config checks (devices and tokenizer are checked later, when they are known)."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {_get(cfg, key)!r}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)!r}")
+    m = cfg.model
+    kv = m.n_kv_head or m.n_head
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}")
+    if m.n_head % kv:
+        raise ConfigError(f"model.n_kv_head: {kv} does not divide model.n_head={m.n_head}")
+    if m.max_seq_len and m.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"model.seq_len: {m.seq_len} exceeds the model's maximum model.max_seq_len={m.max_seq_len}"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: expected a rate in [0, 1), got {m.dropout}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: expected a fraction in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.batch_size % cfg.train.grad_accum:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} is not divisible by train.grad_accum="
+            f"{cfg.train.grad_accum}"
+        )
+    mesh = cfg.mesh
+    sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
+    for key, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"{key}: expected a positive size or -1, got {v}")
+    if mesh.tensor > 0 and m.n_head % mesh.tensor:
+        raise ConfigError(f"model.n_head: {m.n_head} is not divisible by mesh.tensor={mesh.tensor}")
+    if mesh.tensor > 0 and kv % mesh.tensor:
+        raise ConfigError(f"model.n_kv_head: {kv} is not divisible by mesh.tensor={mesh.tensor}")
+
+
+def resolve_mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with -1 filled in; the product must equal the device count."""
+    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+    known = 1
+    for s in sizes:
+        if s != -1:
+            known *= s
+    if -1 in sizes:
+        if device_count % known:
+            raise ConfigError(
+                f"mesh: {device_count} devices cannot be split as data={mesh.data} "
+                f"fsdp={mesh.fsdp} tensor={mesh.tensor}"
+            )
+        sizes[sizes.index(-1)] = device_count // known
+    if sizes[0] * sizes[1] * sizes[2] != device_count:
+        raise ConfigError(
+            f"mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = "
+            f"{sizes[0] * sizes[1] * sizes[2]} does not match the {device_count} devices"
+        )
+    return sizes[0], sizes[1], sizes[2]
+
+
+def check_against_devices(cfg: Config, device_count: int) -> tuple[int, int, int]:
+    """Checks that need the device count: the mesh and the batch split."""
+    data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, device_count)
+    batch_ways = data * fsdp
+    micro = cfg.data.batch_size // cfg.train.grad_accum
+    if micro % batch_ways:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} (micro-batch {micro} with train.grad_accum="
+            f"{cfg.train.grad_accum}) is not divisible by the data-parallel size data*fsdp={batch_ways}"
+        )
+    return data, fsdp, tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overriding
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Checks a YAML value against a field's annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(annotation, value, key + ".")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-3` as a string; accept it as the number the user meant.
+            return float(value)
+        except ValueError:
+            pass
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if isinstance(annotation, type) and annotation is not Any:
+        ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(
+                f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}"
+            )
+    return value
+
+
+def _unknown_key(key: str, prefix: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in types_:
+            raise _unknown_key(str(key), prefix, list(types_))
+        kwargs[key] = _coerce(prefix + key, value, types_[key])
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node_cls: type = Config
+    node = raw
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        types_ = _field_types(node_cls)
+        prefix = ".".join(parts[:depth]) + ("." if depth else "")
+        if part not in types_:
+            raise _unknown_key(part, prefix, list(types_))
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        node_cls = types_[part]
+        if not dataclasses.is_dataclass(node_cls):
+            raise ConfigError(f"config key '{prefix}{part}' is a value, not a section")
+        node = node.setdefault(part, {})
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key.sub=value")
+        out.append((key.strip(), yaml.safe_load(text) if text.strip() else ""))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML config (yaml.safe_load only), applies `key.sub=value` overrides, validates."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    return _build(Config, raw)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every leaf field, read from the docstrings under each field."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(cls)
+    tree = ast.parse(source)
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:] + [None], strict=True):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    rows = []
+    defaults = cls()
+    for name, annotation in _field_types(cls).items():
+        if dataclasses.is_dataclass(annotation):
+            rows += field_docs(annotation, f"{prefix}{name}.")
+            continue
+        type_name = getattr(annotation, "__name__", str(annotation))
+        if isinstance(annotation, types.GenericAlias):
+            type_name = str(annotation)
+        rows.append((prefix + name, type_name, getattr(defaults, name), docs.get(name, "")))
+    return rows
+
+
+def config_reference_markdown() -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, type_name, default, doc in field_docs():
+        lines.append(f"| `{key}` | {type_name} | `{default!r}` | {doc} |")
+    return "\n".join(lines)
