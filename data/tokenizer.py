@@ -1,0 +1,346 @@
+"""Tokenizers: nanoGPT's character tokenizer and a SentencePiece BPE/unigram tokenizer.
+
+Both serialize to one small file in the run directory (never a pickle) and expose a
+`fingerprint()`, the sha256 of exactly those bytes, so that later stages can refuse data
+tokenized by a different tokenizer.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+CHAR_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+# Special ids of trained SentencePiece models. pad is 0 so that zero-filled arrays read as
+# padding; eos ends every document in the token stream; bos exists for finetuning formats.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids. `encode` adds no BOS/EOS; callers add them where a format needs."""
+
+    kind: str
+    filename: str
+    vocab_size: int
+    eos_id: int | None = None
+    bos_id: int | None = None
+    pad_id: int | None = None
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` applied to each text."""
+        return [self.encode(t) for t in texts]
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens decode to nothing)."""
+
+    @abc.abstractmethod
+    def serialize(self) -> bytes:
+        """The exact bytes `save` writes; `fingerprint` hashes them."""
+
+    def save(self, directory: str | Path) -> None:
+        """Write the tokenizer's file into `directory` (created if missing), atomically."""
+        _write_atomically(Path(directory) / self.filename, self.serialize())
+
+    def fingerprint(self) -> str:
+        """sha256 hex digest of the serialized model: the tokenizer's identity."""
+        return sha256(self.serialize()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+class CharTokenizer(Tokenizer):
+    """nanoGPT's shakespeare_char tokenizer: one id per character, ids in sorted order."""
+
+    kind = "char"
+    filename = CHAR_FILE
+
+    def __init__(self, chars: Sequence[str]):
+        if any(len(c) != 1 for c in chars) or list(chars) != sorted(set(chars)):
+            raise ValueError("CharTokenizer: chars must be distinct single characters, sorted")
+        self.chars = list(chars)
+        self.vocab_size = len(self.chars)
+        # Python sorts strings by code point, so the vocabulary's code points are sorted
+        # too and encoding is a vectorized binary search instead of a per-character dict.
+        self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+
+    def encode(self, text: str) -> list[int]:
+        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.searchsorted(self._codepoints, codepoints)
+        known = ids < self.vocab_size
+        known[known] = self._codepoints[ids[known]] == codepoints[known]
+        if not known.all():
+            pos = int(np.argmin(known))
+            raise ValueError(
+                f"char tokenizer: character {text[pos]!r} at position {pos} is not in its "
+                f"vocabulary of {self.vocab_size} characters (it was trained on other text)"
+            )
+        return ids.tolist()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def serialize(self) -> bytes:
+        return json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=False).encode()
+
+    @classmethod
+    def load(cls, path: Path) -> CharTokenizer:
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            if spec.get("kind") != "char" or not isinstance(spec.get("chars"), list):
+                raise ValueError('expected {"kind": "char", "chars": [...]}')
+            return cls(spec["chars"])
+        except ValueError as e:
+            raise ValueError(f"{path}: not a char tokenizer file: {e}") from None
+
+
+# Splits before a space that follows a non-space: a word start in SentencePiece's own
+# pre-tokenization, which no piece of a model trained by `train_sentencepiece` crosses.
+_WORD_START = re.compile(r"(?<! ) ")
+_SEGMENT_CHARS = 1 << 16
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model held in memory as its serialized proto."""
+
+    kind = "sentencepiece"
+    filename = SENTENCEPIECE_FILE
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = bytes(model_proto)
+        self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        self.vocab_size = self._sp.vocab_size()
+        self.eos_id, self.bos_id, self.pad_id = (
+            i if i >= 0 else None for i in (self._sp.eos_id(), self._sp.bos_id(), self._sp.pad_id())
+        )
+        self._segmentable = _is_segmentable(self.model_proto)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if not self._segmentable:
+            return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+        # SentencePiece's encoder slows down superlinearly on megabyte strings, so long
+        # texts are cut at word starts (which gives identical ids) and encoded in parallel.
+        segments = [_segments(t) for t in texts]
+        flat = self._sp.encode([s for segs in segments for s in segs], num_threads=os.cpu_count())
+        out, i = [], 0
+        for segs in segments:
+            out.append([t for ids in flat[i : i + len(segs)] for t in ids])
+            i += len(segs)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def serialize(self) -> bytes:
+        return self.model_proto
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    @classmethod
+    def load(cls, path: Path) -> SentencePieceTokenizer:
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError as e:
+            raise ValueError(f"{path}: not a SentencePiece model: {e}") from None
+
+
+def _segments(text: str) -> list[str]:
+    out, start = [], 0
+    while len(text) - start > _SEGMENT_CHARS:
+        cut = _WORD_START.search(text, start + _SEGMENT_CHARS)
+        if cut is None:
+            break
+        out.append(text[start : cut.start()])
+        start = cut.start()
+    out.append(text[start:])
+    return out
+
+
+def _is_segmentable(model_proto: bytes) -> bool:
+    """True if cutting text before a word-initial space cannot change the encoding."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    m = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+    norm, trainer = m.normalizer_spec, m.trainer_spec
+    return (
+        norm.name == "identity"
+        and not norm.add_dummy_prefix
+        and not norm.remove_extra_whitespaces
+        and trainer.split_by_whitespace
+        and not trainer.treat_whitespace_as_suffix
+        and not any(" " in p for p in trainer.user_defined_symbols)
+    )
+
+
+def _training_sentences(texts: Iterable[str], chunk_chars: int) -> Iterator[str]:
+    """Blocks of whole lines up to `chunk_chars` characters, newlines kept.
+
+    Feeding multi-line blocks (not single lines) lets BPE learn pieces such as ':\n', and
+    cutting over-long lines keeps every block under SentencePiece's max_sentence_length.
+    """
+    for text in texts:
+        block: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            if size + len(line) > chunk_chars and block:
+                yield "".join(block)
+                block, size = [], 0
+            for i in range(0, len(line), chunk_chars):
+                piece = line[i : i + chunk_chars]
+                if len(piece) == chunk_chars:
+                    yield piece
+                else:
+                    block.append(piece)
+                    size += len(piece)
+        if block:
+            yield "".join(block)
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    seed_sentencepiece_size: int = 1_000_000,
+    max_sentence_length: int = 16384,
+    input_sentence_size: int = 10_000,
+    seed: int = 0,
+) -> SentencePieceTokenizer:
+    """Train a SentencePiece model in memory; ids: pad=0, unk=1, bos=2, eos=3.
+
+    Text round-trips exactly: no normalization, whitespace kept (indentation becomes
+    whitespace-only pieces), no dummy prefix, and unknown characters fall back to bytes.
+    At most `input_sentence_size` blocks of lines (each up to max_sentence_length/4
+    characters, so at most about 40 MB by default) are sampled: 10 MB trains in seconds.
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"tokenizer.model_type: expected 'bpe' or 'unigram', got {model_type!r}")
+    spm.set_random_generator_seed(seed)
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_sentences(texts, max_sentence_length // 4),
+            model_writer=writer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            seed_sentencepiece_size=seed_sentencepiece_size,
+            max_sentence_length=max_sentence_length,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        limit = re.search(r"<= (\d+)", str(e))
+        if "too high" in str(e) and limit:
+            raise ValueError(
+                f"tokenizer.vocab_size: {vocab_size} is more than this text supports; "
+                f"use a vocab_size <= {limit.group(1)} or train on more text"
+            ) from None
+        if "vocab_size" in str(e) or "Vocabulary size" in str(e):
+            raise ValueError(f"tokenizer.vocab_size: {vocab_size} rejected: {e}") from None
+        raise ValueError(f"tokenizer: SentencePiece training failed: {e}") from None
+    return SentencePieceTokenizer(writer.getvalue())
+
+
+def train_char_tokenizer(text: str) -> CharTokenizer:
+    """Vocabulary = the sorted distinct characters of `text` (65 for tiny shakespeare)."""
+    if not text:
+        raise ValueError("char tokenizer: cannot train on empty text")
+    return CharTokenizer(sorted(set(text)))
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load the tokenizer saved in `directory` (tokenizer.json or tokenizer.model)."""
+    directory = Path(directory)
+    found = [f for f in (CHAR_FILE, SENTENCEPIECE_FILE) if (directory / f).is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"no tokenizer in {directory}: expected {CHAR_FILE} or {SENTENCEPIECE_FILE}"
+        )
+    if len(found) > 1:
+        raise ValueError(f"{directory}: holds both {CHAR_FILE} and {SENTENCEPIECE_FILE}; keep one")
+    if found[0] == CHAR_FILE:
+        return CharTokenizer.load(directory / CHAR_FILE)
+    return SentencePieceTokenizer.load(directory / SENTENCEPIECE_FILE)
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    """True if `directory` holds a saved tokenizer file."""
+    return any((Path(directory) / f).is_file() for f in (CHAR_FILE, SENTENCEPIECE_FILE))
+
+
+def tokenizer_from_config(
+    kind: str,
+    text_sample: str | Iterable[str],
+    vocab_size: int,
+    model_type: str,
+    directory: Path,
+) -> Tokenizer:
+    """Load the tokenizer saved in `directory`, or train one and save it there.
+
+    Loading first means a resumed run keeps the tokenizer its tokens were made with. For
+    kind "char", `vocab_size` and `model_type` are ignored (the text fixes the vocabulary).
+    A loaded tokenizer of another kind than `kind` is an error.
+    """
+    directory = Path(directory)
+    if has_tokenizer(directory):
+        tok = load_tokenizer(directory)
+        if tok.kind != kind:
+            raise ValueError(
+                f"tokenizer.kind: {directory} holds a {tok.kind!r} tokenizer, config asks {kind!r}"
+            )
+        return tok
+    texts = [text_sample] if isinstance(text_sample, str) else text_sample
+    if kind == "char":
+        tok = train_char_tokenizer("".join(texts))
+    elif kind == "sentencepiece":
+        tok = train_sentencepiece(texts, vocab_size, model_type)
+    else:
+        raise ValueError(f"tokenizer.kind: expected 'char' or 'sentencepiece', got {kind!r}")
+    tok.save(directory)
+    return tok
