@@ -1,0 +1,59 @@
+"""The `flaxpod` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+SUBCOMMANDS = {
+    "pretrain": ("train.pretrain", "main", "pretrain a model from a YAML config"),
+    "launch": ("sharding.launch", "main", "run a command as N JAX processes on this machine"),
+    "config-reference": ("train.cli", "config_reference", "print every config key with its meaning"),
+}
+
+
+def run_guarded(job: Callable[[], object]) -> int:
+    """Runs a job; a user error (bad config, data or path) becomes one line and exit code 2."""
+    from train.config import ConfigError
+
+    try:
+        job()
+    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def config_reference(argv: list[str]) -> int:
+    from train.config import config_reference_markdown
+
+    print(config_reference_markdown())
+    return 0
+
+
+def usage() -> str:
+    lines = ["usage: flaxpod SUBCOMMAND [ARGS...]", "", "subcommands:"]
+    lines += [f"  {name:<18} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"error: unknown subcommand '{name}'{hint}\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = SUBCOMMANDS[name]
+    return getattr(importlib.import_module(module), func)(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

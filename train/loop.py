@@ -1,0 +1,258 @@
+"""The pretraining loop: ties config, data, mesh, model, optimizer, checkpoints and metrics.
+
+Everything that can be wrong with the input (config, devices, corpus, tokenizer) is checked
+before the run directory is touched, so a bad command never writes over an existing run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from data.pipeline import make_eval_batches, make_train_iterator, split_tokens, tokenize_corpus
+from data.text import read_corpus, resolve_text_paths
+from data.tokenizer import (
+    Tokenizer,
+    has_tokenizer,
+    load_tokenizer,
+    train_char_tokenizer,
+    train_sentencepiece,
+)
+from model.axes import activation_sharding
+from model.transformer import count_params
+from sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
+from sharding.rules import activation_resolver, make_rules
+from train.checkpoint import Checkpointer
+from train.config import Config, ConfigError, check_against_devices, save_config, to_dict
+from train.flops import flops_per_token, peak_flops_per_device
+from train.metrics import MetricsWriter, Progress, format_duration
+from train.optimizer import make_optimizer
+from train.state import init_state, make_layout
+from train.step import compile_train_step, make_eval_step, make_train_step
+
+VOCAB_MULTIPLE = 64  # embedding rows rounded up so vocab splits evenly over tensor axes
+
+
+@dataclass
+class TextData:
+    tokenizer: Tokenizer
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    description: str
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def load_text_data(cfg: Config, run_dir: Path) -> TextData:
+    """Reads and tokenizes the corpus. The tokenizer comes from the run directory when it has
+    one (resume), else from tokenizer.path, else it is trained on the corpus (not yet saved)."""
+    paths = resolve_text_paths([p for p in cfg.data.path.split(",") if p])
+    corpus = read_corpus(paths)
+    if cfg.data.max_bytes:
+        corpus.documents = _truncate(corpus.documents, cfg.data.max_bytes)
+    source_dir = run_dir / "tokenizer" if has_tokenizer(run_dir / "tokenizer") else None
+    if source_dir is None and cfg.tokenizer.path:
+        source_dir = Path(cfg.tokenizer.path)
+    if source_dir is not None:
+        tokenizer = load_tokenizer(source_dir)
+    else:
+        tokenizer = train_tokenizer(cfg, corpus.documents)
+    tokens = tokenize_corpus(corpus, tokenizer)
+    train_tokens, val_tokens = split_tokens(
+        tokens, cfg.data.val_fraction, seq_len=cfg.model.seq_len, data_path=cfg.data.path
+    )
+    chars = sum(len(d) for d in corpus.documents)
+    description = (
+        f"{len(corpus.paths)} files, {chars:,} characters, {len(tokens):,} tokens "
+        f"({len(train_tokens):,} train / {len(val_tokens):,} val), "
+        f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} ids"
+        + (f", {corpus.replaced_bytes} undecodable bytes replaced" if corpus.replaced_bytes else "")
+    )
+    return TextData(tokenizer, train_tokens, val_tokens, description)
+
+
+def train_tokenizer(cfg: Config, documents: list[str]) -> Tokenizer:
+    """Trains the configured tokenizer in memory; it is saved once the run directory is written."""
+    if cfg.tokenizer.kind == "char":
+        return train_char_tokenizer("".join(documents))
+    return train_sentencepiece(documents, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type)
+
+
+def _truncate(documents: list[str], max_chars: int) -> list[str]:
+    out, total = [], 0
+    for doc in documents:
+        if total >= max_chars:
+            break
+        out.append(doc[: max_chars - total])
+        total += len(out[-1])
+    return out
+
+
+def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """Fills derived model fields (vocab size, maximum length) and checks them."""
+    m = cfg.model
+    vocab = m.vocab_size or -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids"
+        )
+    model = dataclasses.replace(m, vocab_size=vocab, max_seq_len=m.max_seq_len or m.seq_len)
+    return dataclasses.replace(cfg, model=model)
+
+
+def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
+    """A run directory is resumed only by the same model: anything else would be overwritten."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = to_dict(cfg)
+    for section in ("model", "tokenizer"):
+        for key, value in current[section].items():
+            old = saved.get(section, {}).get(key)
+            if old != value:
+                raise ConfigError(
+                    f"{section}.{key}: {value!r} differs from {old!r} in the existing run "
+                    f"{saved_path}; resume with the same model or choose another run_dir"
+                )
+
+
+def run_pretraining(cfg: Config) -> dict[str, Any]:
+    """Trains to cfg.train.steps (resuming from the latest checkpoint); returns final metrics."""
+    is_main = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir)
+    mesh_shape = check_against_devices(cfg, jax.device_count())
+    data = load_text_data(cfg, run_dir)
+    cfg = resolve_model_config(cfg, data.tokenizer)
+    check_resume_compatible(cfg, run_dir)
+    micro_rows = cfg.data.batch_size // cfg.train.grad_accum
+    if cfg.model.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"model.seq_len: {cfg.model.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+
+    pid, pcount = jax.process_index(), jax.process_count()
+    stride = cfg.data.window_stride or cfg.model.seq_len
+    train_iter = make_train_iterator(
+        data.train_tokens, seq_len=cfg.model.seq_len, global_batch_size=cfg.data.batch_size,
+        seed=cfg.seed, stride=stride, process_index=pid, process_count=pcount,
+    )
+    eval_batches = make_eval_batches(
+        data.val_tokens, seq_len=cfg.model.seq_len, global_batch_size=cfg.data.batch_size,
+        num_batches=cfg.train.eval_steps, process_index=pid, process_count=pcount,
+    )
+
+    # Inputs are valid: from here on the run directory is written.
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not has_tokenizer(run_dir / "tokenizer"):
+            data.tokenizer.save(run_dir / "tokenizer")
+        save_config(cfg, run_dir / "config.yaml")
+    log(f"data: {data.description}")
+
+    mesh = build_mesh(*mesh_shape)
+    rules = make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    layout = make_layout(cfg.model, tx, mesh, rules)
+    n_params = count_params(layout.shapes["params"])
+    n_nonembed = count_params(layout.shapes["params"], exclude_embeddings=True)
+    log(
+        f"model: {cfg.model.family}, {n_params / 1e6:.2f}M parameters ({n_nonembed / 1e6:.2f}M "
+        f"non-embedding); mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} tensor={mesh_shape[2]} "
+        f"over {jax.device_count()} devices in {pcount} process(es)"
+    )
+    if cfg.logging.show_sharding:
+        log(sharding_table(layout.shapes["params"], layout.param_shardings))
+
+    b_sharding = batch_sharding(mesh, rules)
+    with activation_sharding(activation_resolver(mesh, rules)):
+        train_step = compile_train_step(
+            make_train_step(
+                layout, tx, schedule, grad_accum=cfg.train.grad_accum,
+                z_loss=cfg.optim.z_loss, dropout=cfg.model.dropout > 0,
+            ),
+            layout, b_sharding,
+        )
+        eval_step = make_eval_step(layout, b_sharding)
+        return _train(cfg, run_dir, layout, train_step, eval_step, train_iter, eval_batches,
+                      b_sharding, n_nonembed, micro_rows, tx)
+
+
+def _train(cfg, run_dir, layout, train_step, eval_step, train_iter, eval_batches,
+           b_sharding, n_nonembed, micro_rows, tx) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
+    checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
+    start = checkpointer.latest_step()
+    if start is None:
+        state = init_state(cfg.model, tx, layout, cfg.seed)
+        start = 0
+    else:
+        state, data_state = checkpointer.restore(start, layout)
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        log(f"resumed from {checkpointer.directory / str(start)}")
+
+    writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard)
+    progress = Progress(cfg.train.steps, enabled=is_main)
+    peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
+    flops_tok = flops_per_token(cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len, n_nonembed)
+    tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
+    log(f"MFU against {peak / 1e9:.1f} GFLOP/s per device ({peak_source}); "
+        f"{flops_tok / 1e6:.2f} MFLOP per token")
+    log(f"training steps {start}..{cfg.train.steps} in {run_dir}")
+
+    def evaluate() -> float:
+        total, count = 0.0, 0.0
+        for batch in eval_batches:
+            s, c = eval_step(state["params"], put_batch(batch, b_sharding))
+            total, count = total + float(s), count + float(c)
+        return total / max(count, 1.0)
+
+    final: dict[str, Any] = {}
+    pending: list[dict] = []
+    interval_start, interval_steps = time.perf_counter(), 0
+    step = start
+    try:
+        while step < cfg.train.steps:
+            batch = put_batch(next(train_iter), b_sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            interval_steps += 1
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                fetched = jax.device_get(pending[-1])  # waits for this interval's steps
+                elapsed = time.perf_counter() - interval_start
+                step_seconds = elapsed / interval_steps
+                row = {k: float(v) for k, v in fetched.items()}
+                row["tokens_per_sec"] = tokens_per_step / step_seconds
+                row["mfu"] = row["tokens_per_sec"] * flops_tok / (peak * jax.device_count())
+                row["step_time"] = step_seconds
+                writer.write(step, row)
+                progress.show(step, row, step_seconds)
+                final.update(row)
+                pending.clear()
+                interval_start, interval_steps = time.perf_counter(), 0
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
+                val_loss = evaluate()
+                writer.write(step, {"val_loss": val_loss})
+                log(f"step {step:>6}/{cfg.train.steps} | val_loss {val_loss:.4f}")
+                final["val_loss"] = val_loss
+                interval_start = time.perf_counter()  # evaluation time is not training time
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
+                checkpointer.save(step, state, train_iter.get_state())
+    finally:
+        checkpointer.close()
+        writer.close()
+    elapsed = time.perf_counter() - progress.start
+    log(f"done: {cfg.train.steps} steps in {format_duration(elapsed)}; outputs in {run_dir.resolve()} "
+        f"(config.yaml, tokenizer/, checkpoints/, metrics.jsonl, tensorboard/)")
+    final["step"] = step
+    return final

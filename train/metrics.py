@@ -1,0 +1,75 @@
+"""Run metrics: metrics.jsonl rows, TensorBoard event files and a console progress line.
+
+Only process 0 writes. Values arrive as host floats: the loop fetches device metrics once per
+log interval, never per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    return float(v) if hasattr(v, "dtype") else v
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """A console line per log step: loss, lr, throughput, MFU and ETA."""
+
+    def __init__(self, total_steps: int, *, enabled: bool, stream=sys.stdout):
+        self.total, self.enabled, self.stream = total_steps, enabled, stream
+        self.start = time.perf_counter()
+
+    def show(self, step: int, m: dict[str, float], step_seconds: float) -> None:
+        if not self.enabled:
+            return
+        eta = step_seconds * (self.total - step)
+        print(
+            f"step {step:>6}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+            f"gnorm {m['grad_norm']:.3f} | {m['tokens_per_sec']:,.0f} tok/s | "
+            f"{1000 * step_seconds:.1f} ms/step | mfu {100 * m['mfu']:.2f}% | "
+            f"eta {format_duration(eta)}",
+            file=self.stream, flush=True,
+        )
