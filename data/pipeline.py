@@ -72,8 +72,7 @@ class WindowSource:
         self._len = num_windows(len(self.tokens), seq_len, stride)
         if self._len == 0:
             raise ValueError(
-                f"data: {len(self.tokens)} tokens cannot fill one window of "
-                f"seq_len + 1 = {seq_len + 1} tokens"
+                f"data: {len(self.tokens)} tokens cannot fill one window of seq_len + 1 = {seq_len + 1} tokens"
             )
 
     def __len__(self) -> int:
@@ -107,10 +106,7 @@ def _check_processes(global_batch_size: int, process_index: int, process_count: 
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size: {global_batch_size} is not divisible by the "
-            f"{process_count} processes"
-        )
+        raise ValueError(f"global_batch_size: {global_batch_size} is not divisible by the {process_count} processes")
     return global_batch_size // process_count
 
 
@@ -148,9 +144,7 @@ def make_train_iterator(
         .map(lambda indices: _inputs_targets(source.gather(indices)))
     )
     # A small buffer: each element is a whole batch.
-    read = grain.ReadOptions(
-        num_threads=prefetch_threads, prefetch_buffer_size=2 * prefetch_threads
-    )
+    read = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=2 * prefetch_threads)
     return iter(ds.to_iter_dataset(read))
 
 
@@ -177,4 +171,3 @@ def make_eval_batches(
     picks = np.arange(rows) * n // rows if rows <= n else np.arange(rows) % n
     mine = picks.reshape(num_batches, global_batch_size)[:, process_index::process_count]
     return [_inputs_targets(source.gather(indices)) for indices in mine]
-

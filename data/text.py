@@ -18,8 +18,15 @@ DEFAULT_CORPUS = "stdlib"
 # Left out of the default corpus: tests, installed packages, and large generated or
 # repetitive code (codec tables, pydoc's topic strings) that would crowd out real modules.
 _EXCLUDED_STDLIB_DIRS = {
-    "test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
-    "encodings", "pydoc_data",
+    "test",
+    "tests",
+    "site-packages",
+    "dist-packages",
+    "idlelib",
+    "lib2to3",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
 }
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # surrogateescape turns each undecodable byte into one lone surrogate U+DC80..U+DCFF.
@@ -56,9 +63,7 @@ def default_corpus_paths(max_bytes: int = 4_000_000) -> list[Path]:
         paths.append(p)
         total += size
     if not paths:
-        raise FileNotFoundError(
-            f"data.path: the default corpus {DEFAULT_CORPUS!r} found no .py files under {root}"
-        )
+        raise FileNotFoundError(f"data.path: the default corpus {DEFAULT_CORPUS!r} found no .py files under {root}")
     return paths
 
 

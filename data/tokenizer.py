@@ -299,9 +299,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     directory = Path(directory)
     found = [f for f in (CHAR_FILE, SENTENCEPIECE_FILE) if (directory / f).is_file()]
     if not found:
-        raise FileNotFoundError(
-            f"no tokenizer in {directory}: expected {CHAR_FILE} or {SENTENCEPIECE_FILE}"
-        )
+        raise FileNotFoundError(f"no tokenizer in {directory}: expected {CHAR_FILE} or {SENTENCEPIECE_FILE}")
     if len(found) > 1:
         raise ValueError(f"{directory}: holds both {CHAR_FILE} and {SENTENCEPIECE_FILE}; keep one")
     if found[0] == CHAR_FILE:
@@ -331,9 +329,7 @@ def tokenizer_from_config(
     if has_tokenizer(directory):
         tok = load_tokenizer(directory)
         if tok.kind != kind:
-            raise ValueError(
-                f"tokenizer.kind: {directory} holds a {tok.kind!r} tokenizer, config asks {kind!r}"
-            )
+            raise ValueError(f"tokenizer.kind: {directory} holds a {tok.kind!r} tokenizer, config asks {kind!r}")
         return tok
     texts = [text_sample] if isinstance(text_sample, str) else text_sample
     if kind == "char":

@@ -15,12 +15,26 @@ import jax
 
 # Parameter axes.
 LAYERS, VOCAB, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, NORM, POSITION = (
-    "layers", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "position",
+    "layers",
+    "vocab",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "norm",
+    "position",
 )
 # Activation axes (named apart from parameter axes: the batch is split over fsdp, so the
 # residual stream's feature axis must not be).
 BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
-    "batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab",
+    "batch",
+    "length",
+    "act_embed",
+    "act_heads",
+    "act_kv_heads",
+    "act_mlp",
+    "act_vocab",
 )
 
 Resolver = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]

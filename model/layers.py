@@ -131,9 +131,7 @@ class Attention(nnx.Module):
         """q: [B, T, H, D]; k, v: [B, S, KV, D]; mask: [B or 1, T, S]. Returns [B, T, H, D]."""
         b, t, h, hd = q.shape
         if self.cfg.attention == "fused" and not (dropout_key is not None and self.cfg.dropout):
-            return jax.nn.dot_product_attention(
-                q, k, v, mask=mask[:, None], implementation=self.cfg.attention_impl
-            )
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=self.cfg.attention_impl)
         groups = h // self.n_kv
         qg = q.reshape(b, t, self.n_kv, groups, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -164,10 +162,7 @@ class MLP(nnx.Module):
         self.gated = cfg.family == "llama"
         bias = cfg.bias and not self.gated
         self.up = make_param(rngs, (d, d_ff), (ax.EMBED, ax.MLP), stack, std=cfg.init_std)
-        self.gate = (
-            make_param(rngs, (d, d_ff), (ax.EMBED, ax.MLP), stack, std=cfg.init_std)
-            if self.gated else None
-        )
+        self.gate = make_param(rngs, (d, d_ff), (ax.EMBED, ax.MLP), stack, std=cfg.init_std) if self.gated else None
         self.down = make_param(rngs, (d_ff, d), (ax.MLP, ax.EMBED), stack, std=out_std)
         self.up_bias = make_param(None, (d_ff,), (ax.MLP,), stack, init="zeros") if bias else None
         self.down_bias = make_param(None, (d,), (ax.EMBED,), stack, init="zeros") if bias else None

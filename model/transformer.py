@@ -58,15 +58,22 @@ class Transformer(nnx.Module):
         d = cfg.d_model
         self.embed = make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), 0, std=cfg.init_std)
         self.pos_embed = (
-            make_param(rngs, (cfg.max_seq_len or cfg.seq_len, d), (ax.POSITION, ax.EMBED), 0,
-                       std=cfg.init_std)
-            if cfg.family == "gpt2" else None
+            make_param(
+                rngs,
+                (cfg.max_seq_len or cfg.seq_len, d),
+                (ax.POSITION, ax.EMBED),
+                0,
+                std=cfg.init_std,
+            )
+            if cfg.family == "gpt2"
+            else None
         )
         self.blocks = Block(cfg, stack=cfg.n_layer, rngs=rngs)
         rms, bias = cfg.family == "llama", cfg.bias and cfg.family == "gpt2"
         self.final_norm = Norm(d, rms=rms, bias=bias, eps=cfg.norm_eps)
         self.lm_head = (
-            None if cfg.tie_embeddings
+            None
+            if cfg.tie_embeddings
             else make_param(rngs, (d, cfg.vocab_size), (ax.EMBED, ax.VOCAB), 0, std=cfg.init_std)
         )
 

@@ -59,14 +59,10 @@ def initialize_from_env() -> None:
         return
     process_id = _read_int(PROCESS_ID_ENV, minimum=0, required=True)
     if process_id >= num_processes:
-        raise ValueError(
-            f"{PROCESS_ID_ENV}={process_id} must be below {NUM_PROCESSES_ENV}={num_processes}"
-        )
+        raise ValueError(f"{PROCESS_ID_ENV}={process_id} must be below {NUM_PROCESSES_ENV}={num_processes}")
     address = _read_address(COORDINATOR_ADDRESS_ENV)
     _use_gloo_for_cpu_collectives()
-    jax.distributed.initialize(
-        coordinator_address=address, num_processes=num_processes, process_id=process_id
-    )
+    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
 
 
 def is_main_process() -> bool:

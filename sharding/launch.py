@@ -47,8 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        usage=f"{PROG} --num-processes N [--devices-per-process K] [--port P] "
-        "[--grace-period S] -- COMMAND [ARGS...]",
+        usage=f"{PROG} --num-processes N [--devices-per-process K] [--port P] [--grace-period S] -- COMMAND [ARGS...]",
         description="Run COMMAND as N JAX processes on 127.0.0.1.",
     )
     parser.add_argument("--num-processes", type=int, required=True, metavar="N")
@@ -58,9 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="give each child K fake CPU devices (sets JAX_PLATFORMS=cpu and XLA_FLAGS)",
     )
-    parser.add_argument(
-        "--port", type=int, metavar="P", help="coordinator port (default: a free one)"
-    )
+    parser.add_argument("--port", type=int, metavar="P", help="coordinator port (default: a free one)")
     parser.add_argument(
         "--grace-period",
         type=float,
@@ -103,9 +100,7 @@ def free_port() -> int:
 def xla_flags_with_device_count(xla_flags: str, devices: int) -> str:
     """``xla_flags`` with any device-count flag replaced by one asking for ``devices``."""
     kept = [
-        flag
-        for flag in xla_flags.split()
-        if flag != DEVICE_COUNT_FLAG and not flag.startswith(DEVICE_COUNT_FLAG + "=")
+        flag for flag in xla_flags.split() if flag != DEVICE_COUNT_FLAG and not flag.startswith(DEVICE_COUNT_FLAG + "=")
     ]
     return " ".join([*kept, f"{DEVICE_COUNT_FLAG}={devices}"])
 
@@ -127,9 +122,7 @@ def child_env(
     env.setdefault("PYTHONUNBUFFERED", "1")
     if devices_per_process is not None:
         env["JAX_PLATFORMS"] = "cpu"
-        env["XLA_FLAGS"] = xla_flags_with_device_count(
-            env.get("XLA_FLAGS", ""), devices_per_process
-        )
+        env["XLA_FLAGS"] = xla_flags_with_device_count(env.get("XLA_FLAGS", ""), devices_per_process)
     return env
 
 
@@ -201,9 +194,7 @@ class _Supervisor:
             )
             self.procs.append(proc)
             for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
-                reader = threading.Thread(
-                    target=_pump, args=(pipe, name, f"[p{rank}] ", self.lock), daemon=True
-                )
+                reader = threading.Thread(target=_pump, args=(pipe, name, f"[p{rank}] ", self.lock), daemon=True)
                 reader.start()
                 self.readers.append(reader)
 
@@ -224,8 +215,7 @@ class _Supervisor:
                         failure = code
                         others = sum(c is None for c in codes)
                         _say(
-                            f"process {rank} {_describe(code)}; "
-                            f"stopping {others} other process(es)",
+                            f"process {rank} {_describe(code)}; stopping {others} other process(es)",
                             self.lock,
                         )
                         self.stop_all(signal.SIGTERM)

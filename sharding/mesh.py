@@ -18,9 +18,7 @@ def build_mesh(data: int, fsdp: int, tensor: int, devices: list | None = None) -
     """A (data, fsdp, tensor) mesh. Auto axis types let GSPMD propagate shardings through
     ops the model does not annotate (jax 0.10 defaults to Explicit, which would not)."""
     devices = devices if devices is not None else jax.devices()
-    return jax.make_mesh(
-        (data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def _is_variable(x: Any) -> bool:
@@ -75,9 +73,7 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows -> global arrays (each process passes only its own rows)."""
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 def sharding_table(params_shapes: dict, params_shardings: dict) -> str:

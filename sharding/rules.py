@@ -20,8 +20,13 @@ Rules = dict[str, tuple[str, ...]]
 _BATCH = {ax.BATCH: ("data", "fsdp")}
 _FSDP = {ax.EMBED: ("fsdp",)}
 _TENSOR = {
-    ax.HEADS: ("tensor",), ax.KV_HEADS: ("tensor",), ax.MLP: ("tensor",), ax.VOCAB: ("tensor",),
-    ax.ACT_HEADS: ("tensor",), ax.ACT_KV_HEADS: ("tensor",), ax.ACT_MLP: ("tensor",),
+    ax.HEADS: ("tensor",),
+    ax.KV_HEADS: ("tensor",),
+    ax.MLP: ("tensor",),
+    ax.VOCAB: ("tensor",),
+    ax.ACT_HEADS: ("tensor",),
+    ax.ACT_KV_HEADS: ("tensor",),
+    ax.ACT_MLP: ("tensor",),
     ax.ACT_VOCAB: ("tensor",),
 }
 PRESETS: dict[str, Rules] = {
@@ -44,8 +49,7 @@ def make_rules(preset: str, overrides: Mapping[str, Any] | None = None) -> Rules
             for axis in axes:
                 if axis not in ("data", "fsdp", "tensor"):
                     raise ValueError(
-                        f"mesh.rule_overrides.{name}: unknown mesh axis {axis!r} "
-                        "(expected data, fsdp or tensor)"
+                        f"mesh.rule_overrides.{name}: unknown mesh axis {axis!r} (expected data, fsdp or tensor)"
                     )
             rules[name] = axes
     return rules

@@ -122,9 +122,7 @@ def test_failing_child_stops_the_sleeping_one(tmp_path, capsys, child_pythonpath
     assert "flaxpod launch: process 1 exited with code 3; stopping 1 other process(es)" in err
 
 
-def test_child_ignoring_sigterm_is_killed_after_the_grace_period(
-    tmp_path, capsys, child_pythonpath
-):
+def test_child_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path, capsys, child_pythonpath):
     script = _script(
         tmp_path,
         "stubborn.py",
@@ -174,8 +172,7 @@ def test_sigterm_to_the_launcher_reaches_every_child(tmp_path, child_pythonpath)
         """,
     )
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "sharding.launch", "--num-processes", "2", "--"]
-        + [sys.executable, str(script)],
+        [sys.executable, "-m", "sharding.launch", "--num-processes", "2", "--"] + [sys.executable, str(script)],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -312,9 +309,7 @@ def no_cpu_collectives():
     jax.config.update("jax_cpu_collectives_implementation", before)
 
 
-def test_initialize_from_env_passes_the_variables_once(
-    recorded_initialize, no_cpu_collectives, monkeypatch
-):
+def test_initialize_from_env_passes_the_variables_once(recorded_initialize, no_cpu_collectives, monkeypatch):
     monkeypatch.setenv("FLAXPOD_NUM_PROCESSES", "4")
     monkeypatch.setenv("FLAXPOD_PROCESS_ID", "3")
     monkeypatch.setenv("FLAXPOD_COORDINATOR_ADDRESS", "10.0.0.1:1234")

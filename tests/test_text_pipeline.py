@@ -44,16 +44,24 @@ def tree(tmp_path):
 def test_resolve_file_dir_glob_and_several(tree):
     assert resolve_text_paths(str(tree / "a.txt")) == [tree / "a.txt"]
     assert resolve_text_paths(str(tree)) == [
-        tree / "a.txt", tree / "b.txt", tree / "sub/c.txt", tree / "sub/deeper/d.md",
+        tree / "a.txt",
+        tree / "b.txt",
+        tree / "sub/c.txt",
+        tree / "sub/deeper/d.md",
     ]
     assert resolve_text_paths(str(tree / "*.txt")) == [tree / "a.txt", tree / "b.txt"]
     assert resolve_text_paths(str(tree / "**/*.txt")) == [
-        tree / "a.txt", tree / "b.txt", tree / "sub/c.txt",
+        tree / "a.txt",
+        tree / "b.txt",
+        tree / "sub/c.txt",
     ]
     # Several specs keep their order; a file named twice appears once.
     specs = [str(tree / "sub"), str(tree / "*.txt"), str(tree / "sub/c.txt")]
     assert resolve_text_paths(specs) == [
-        tree / "sub/c.txt", tree / "sub/deeper/d.md", tree / "a.txt", tree / "b.txt",
+        tree / "sub/c.txt",
+        tree / "sub/deeper/d.md",
+        tree / "a.txt",
+        tree / "b.txt",
     ]
 
 
@@ -131,8 +139,11 @@ def test_split_sizes_and_content():
 def test_split_too_small_names_path_tokens_and_seq_len():
     tokens = np.arange(300, dtype=np.int32)
     assert len(split_tokens(tokens, 0.1, seq_len=29)[1]) == 30  # exactly one window
-    with pytest.raises(ValueError, match=r"data.path: 'tiny.txt' gives 300 tokens; its "
-                                         r"validation part .* seq_len \+ 1 = 31"):
+    with pytest.raises(
+        ValueError,
+        match=r"data.path: 'tiny.txt' gives 300 tokens; its "
+        r"validation part .* seq_len \+ 1 = 31",
+    ):
         split_tokens(tokens, 0.1, seq_len=30, data_path="tiny.txt")
     with pytest.raises(ValueError, match="its train part"):
         split_tokens(tokens, 0.1, seq_len=500, data_path="tiny.txt")
@@ -218,8 +229,7 @@ def test_state_restores_exactly_mid_epoch_and_across_epochs():
 def test_train_iterator_rejects_bad_process_split():
     tokens = np.arange(100, dtype=np.int32)
     with pytest.raises(ValueError, match="global_batch_size: 6 is not divisible by the 4"):
-        make_train_iterator(tokens, seq_len=SEQ, global_batch_size=6, seed=0, stride=1,
-                            process_count=4)
+        make_train_iterator(tokens, seq_len=SEQ, global_batch_size=6, seed=0, stride=1, process_count=4)
 
 
 # ---------------------------------------------------------------- evaluation batches
@@ -234,11 +244,11 @@ def test_eval_batches_are_fixed_spread_and_split_across_processes():
     # 8 rows spread evenly over 100 windows: windows 0, 12, 25, 37, 50, 62, 75, 87.
     assert [rows(b) for b in batches] == [[0, 48, 100, 148], [200, 248, 300, 348]]
     for process_count in (2, 4):
-        parts = [make_eval_batches(tokens, process_index=p, process_count=process_count, **kw)
-                 for p in range(process_count)]
+        parts = [
+            make_eval_batches(tokens, process_index=p, process_count=process_count, **kw) for p in range(process_count)
+        ]
         for k in range(2):
-            assert Counter(sum((rows(parts[p][k]) for p in range(process_count)), [])) == Counter(
-                rows(batches[k]))
+            assert Counter(sum((rows(parts[p][k]) for p in range(process_count)), [])) == Counter(rows(batches[k]))
 
 
 def test_eval_batches_wrap_around_few_windows():

@@ -43,9 +43,7 @@ class IteratorStateBox:
 class Checkpointer:
     def __init__(self, run_dir: str | Path, *, keep: int, async_save: bool = True):
         self.directory = Path(run_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -63,7 +61,8 @@ class Checkpointer:
     def restore(self, step: int, layout: StateLayout) -> tuple[TrainState, dict | None]:
         target = jax.tree.map(
             lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-            layout.shapes, layout.shardings,
+            layout.shapes,
+            layout.shardings,
         )
         args: dict[str, Any] = {"state": ocp.args.StandardRestore(target)}
         has_data = (self.directory / str(step) / "data").exists()

@@ -9,7 +9,11 @@ from collections.abc import Callable
 SUBCOMMANDS = {
     "pretrain": ("train.pretrain", "main", "pretrain a model from a YAML config"),
     "launch": ("sharding.launch", "main", "run a command as N JAX processes on this machine"),
-    "config-reference": ("train.cli", "config_reference", "print every config key with its meaning"),
+    "config-reference": (
+        "train.cli",
+        "config_reference",
+        "print every config key with its meaning",
+    ),
 }
 
 

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     family: str = "gpt2"
-    """Architecture family: `gpt2` (LayerNorm, learned positions, GELU, tied head) or `llama` (RMSNorm, RoPE, SwiGLU, GQA)."""
+    """`gpt2` (LayerNorm, learned positions, GELU, tied head) or `llama` (RMSNorm, RoPE, SwiGLU, GQA)."""
     n_layer: int = 4
     """Number of transformer blocks (scanned, so compile time does not grow with depth)."""
     n_head: int = 4
@@ -80,7 +80,8 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     path: str = "stdlib"
-    """Text file, directory or glob (comma-separated for several), a prepared dataset directory, or `stdlib` (the built-in corpus: Python's own standard library sources)."""
+    """Text file, directory or glob (comma-separated for several), or `stdlib`: the built-in corpus
+    (Python's own standard library sources, on every machine with Python)."""
     batch_size: int = 32
     """Global batch size in sequences per optimizer step (all processes and micro-batches together)."""
     val_fraction: float = 0.1
@@ -197,8 +198,16 @@ CHOICES = {
 }
 
 POSITIVE = (
-    "model.n_layer", "model.n_head", "model.d_model", "model.seq_len", "data.batch_size",
-    "train.steps", "train.log_every", "train.grad_accum", "train.eval_steps", "checkpoint.keep",
+    "model.n_layer",
+    "model.n_head",
+    "model.d_model",
+    "model.seq_len",
+    "data.batch_size",
+    "train.steps",
+    "train.log_every",
+    "train.grad_accum",
+    "train.eval_steps",
+    "checkpoint.keep",
     "tokenizer.vocab_size",
 )
 
@@ -225,17 +234,14 @@ def validate(cfg: Config) -> None:
     if m.n_head % kv:
         raise ConfigError(f"model.n_kv_head: {kv} does not divide model.n_head={m.n_head}")
     if m.max_seq_len and m.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"model.seq_len: {m.seq_len} exceeds the model's maximum model.max_seq_len={m.max_seq_len}"
-        )
+        raise ConfigError(f"model.seq_len: {m.seq_len} exceeds the model's maximum model.max_seq_len={m.max_seq_len}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: expected a rate in [0, 1), got {m.dropout}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: expected a fraction in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.batch_size % cfg.train.grad_accum:
         raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size} is not divisible by train.grad_accum="
-            f"{cfg.train.grad_accum}"
+            f"data.batch_size: {cfg.data.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}"
         )
     mesh = cfg.mesh
     sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
@@ -322,9 +328,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if isinstance(annotation, type) and annotation is not Any:
         ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
         if not ok:
-            raise ConfigError(
-                f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}"
-            )
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 

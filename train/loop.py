@@ -103,9 +103,7 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> Config:
     m = cfg.model
     vocab = m.vocab_size or -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if vocab < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids"
-        )
+        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
     model = dataclasses.replace(m, vocab_size=vocab, max_seq_len=m.max_seq_len or m.seq_len)
     return dataclasses.replace(cfg, model=model)
 
@@ -142,12 +140,21 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
     pid, pcount = jax.process_index(), jax.process_count()
     stride = cfg.data.window_stride or cfg.model.seq_len
     train_iter = make_train_iterator(
-        data.train_tokens, seq_len=cfg.model.seq_len, global_batch_size=cfg.data.batch_size,
-        seed=cfg.seed, stride=stride, process_index=pid, process_count=pcount,
+        data.train_tokens,
+        seq_len=cfg.model.seq_len,
+        global_batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        stride=stride,
+        process_index=pid,
+        process_count=pcount,
     )
     eval_batches = make_eval_batches(
-        data.val_tokens, seq_len=cfg.model.seq_len, global_batch_size=cfg.data.batch_size,
-        num_batches=cfg.train.eval_steps, process_index=pid, process_count=pcount,
+        data.val_tokens,
+        seq_len=cfg.model.seq_len,
+        global_batch_size=cfg.data.batch_size,
+        num_batches=cfg.train.eval_steps,
+        process_index=pid,
+        process_count=pcount,
     )
 
     # Inputs are valid: from here on the run directory is written.
@@ -176,18 +183,45 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
     with activation_sharding(activation_resolver(mesh, rules)):
         train_step = compile_train_step(
             make_train_step(
-                layout, tx, schedule, grad_accum=cfg.train.grad_accum,
-                z_loss=cfg.optim.z_loss, dropout=cfg.model.dropout > 0,
+                layout,
+                tx,
+                schedule,
+                grad_accum=cfg.train.grad_accum,
+                z_loss=cfg.optim.z_loss,
+                dropout=cfg.model.dropout > 0,
             ),
-            layout, b_sharding,
+            layout,
+            b_sharding,
         )
         eval_step = make_eval_step(layout, b_sharding)
-        return _train(cfg, run_dir, layout, train_step, eval_step, train_iter, eval_batches,
-                      b_sharding, n_nonembed, micro_rows, tx)
+        return _train(
+            cfg,
+            run_dir,
+            layout,
+            train_step,
+            eval_step,
+            train_iter,
+            eval_batches,
+            b_sharding,
+            n_nonembed,
+            micro_rows,
+            tx,
+        )
 
 
-def _train(cfg, run_dir, layout, train_step, eval_step, train_iter, eval_batches,
-           b_sharding, n_nonembed, micro_rows, tx) -> dict[str, Any]:
+def _train(
+    cfg,
+    run_dir,
+    layout,
+    train_step,
+    eval_step,
+    train_iter,
+    eval_batches,
+    b_sharding,
+    n_nonembed,
+    micro_rows,
+    tx,
+) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
     start = checkpointer.latest_step()
@@ -205,8 +239,7 @@ def _train(cfg, run_dir, layout, train_step, eval_step, train_iter, eval_batches
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
     flops_tok = flops_per_token(cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len, n_nonembed)
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
-    log(f"MFU against {peak / 1e9:.1f} GFLOP/s per device ({peak_source}); "
-        f"{flops_tok / 1e6:.2f} MFLOP per token")
+    log(f"MFU against {peak / 1e9:.1f} GFLOP/s per device ({peak_source}); {flops_tok / 1e6:.2f} MFLOP per token")
     log(f"training steps {start}..{cfg.train.steps} in {run_dir}")
 
     def evaluate() -> float:
@@ -252,7 +285,9 @@ def _train(cfg, run_dir, layout, train_step, eval_step, train_iter, eval_batches
         checkpointer.close()
         writer.close()
     elapsed = time.perf_counter() - progress.start
-    log(f"done: {cfg.train.steps} steps in {format_duration(elapsed)}; outputs in {run_dir.resolve()} "
-        f"(config.yaml, tokenizer/, checkpoints/, metrics.jsonl, tensorboard/)")
+    log(
+        f"done: {cfg.train.steps} steps in {format_duration(elapsed)}; outputs in {run_dir.resolve()} "
+        f"(config.yaml, tokenizer/, checkpoints/, metrics.jsonl, tensorboard/)"
+    )
     final["step"] = step
     return final

@@ -71,5 +71,6 @@ class Progress:
             f"gnorm {m['grad_norm']:.3f} | {m['tokens_per_sec']:,.0f} tok/s | "
             f"{1000 * step_seconds:.1f} ms/step | mfu {100 * m['mfu']:.2f}% | "
             f"eta {format_duration(eta)}",
-            file=self.stream, flush=True,
+            file=self.stream,
+            flush=True,
         )

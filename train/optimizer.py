@@ -38,8 +38,12 @@ def decay_mask(params):
 def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(optim, total_steps)
     adamw = optax.adamw(
-        schedule, b1=optim.beta1, b2=optim.beta2, eps=optim.eps,
-        weight_decay=optim.weight_decay, mask=decay_mask,
+        schedule,
+        b1=optim.beta1,
+        b2=optim.beta2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        mask=decay_mask,
     )
     if optim.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw), schedule

@@ -17,7 +17,9 @@ Batch = dict[str, jax.Array]
 def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, dropout_key=None) -> jax.Array:
     model = nnx.merge(graphdef, params)
     return model(
-        batch["inputs"], segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
+        batch["inputs"],
+        segment_ids=batch.get("segment_ids"),
+        positions=batch.get("positions"),
         dropout_key=dropout_key,
     )
 
@@ -92,7 +94,11 @@ def make_train_step(
             "step": state["step"] + 1,
             "rng": rng,
         }
-        metrics = {"loss": ce_sum / total_weight, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+        metrics = {
+            "loss": ce_sum / total_weight,
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+        }
         return new_state, metrics
 
     return step
