@@ -433,5 +433,5 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
 def config_reference_markdown() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, type_name, default, doc in field_docs():
-        lines.append(f"| `{key}` | {type_name} | `{default!r}` | {doc} |")
+        lines.append(f"| `{key}` | {type_name} | `{default!r}` | {' '.join(doc.split())} |")
     return "\n".join(lines)
