@@ -33,7 +33,7 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> dict
         return NamedSharding(mesh, logical_to_spec(names, rules, mesh, var.shape))
 
     shardings = jax.tree.map(one, abstract_state, is_leaf=_is_variable)
-    return nnx.State(shardings).to_pure_dict() if isinstance(shardings, nnx.State) else shardings
+    return nnx.to_pure_dict(shardings)
 
 
 def _path_names(path) -> tuple:

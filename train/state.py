@@ -39,7 +39,7 @@ def abstract_model(cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.S
 
 def _init_params(cfg: ModelConfig, seed: int) -> dict:
     with nnx.use_eager_sharding(False):
-        return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1].to_pure_dict()
+        return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1])
 
 
 def make_layout(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> StateLayout:

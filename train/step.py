@@ -86,7 +86,7 @@ def make_train_step(
                 body, (zeros, jnp.zeros((), jnp.float32)), (micro_batches, jnp.arange(grad_accum))
             )
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {
             "params": optax.apply_updates(params, updates),

@@ -1,0 +1,51 @@
+"""Two processes x 4 devices through the launcher train exactly like one process x 8 devices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import run_cli, tiny_overrides, write_corpus
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", n_chars=20_000)
+    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.steps": 4, "train.log_every": 1}
+    single = tmp_path / "single"
+    one = run_cli(["pretrain", "configs/tiny.yaml", *tiny_overrides(single, corpus, **mesh)])
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    two = run_cli(
+        [
+            "launch",
+            "--num-processes",
+            "2",
+            "--devices-per-process",
+            "4",
+            "--",
+            "python",
+            "-m",
+            "train.pretrain",
+            "configs/tiny.yaml",
+            *tiny_overrides(multi, corpus, **mesh),
+        ]
+    )
+    assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+    assert "[p0] " in two.stdout and "[p1] " in two.stdout
+    assert "over 8 devices in 2 process(es)" in two.stdout
+    # Only process 0 writes metrics and logs its progress.
+    assert "[p1] step" not in two.stdout
+    single_train, single_val = losses(single)
+    multi_train, multi_val = losses(multi)
+    assert len(single_train) == len(multi_train) == 4
+    assert multi_train == pytest.approx(single_train, abs=1e-5)
+    assert multi_val == pytest.approx(single_val, abs=1e-5)
+    assert (multi / "checkpoints" / "4").exists()
