@@ -68,7 +68,7 @@ def is_validation(digest: bytes, val_fraction: float) -> bool:
 # ----------------------------------------------------------------------------- prepare
 
 
-def _check_out_dir(out: Path, files: Sequence[Path]) -> None:
+def _check_out_dir(out: Path, inputs: Sequence[str], files: Sequence[Path]) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -77,7 +77,12 @@ def _check_out_dir(out: Path, files: Sequence[Path]) -> None:
                 f"--out {out}: directory is not empty and holds no prepared dataset; "
                 "choose a new or empty directory"
             )
+    # An output inside an input directory would be read back as input by the next run.
     resolved_out = out.resolve()
+    for spec in inputs:
+        spec_path = Path(spec).expanduser()
+        if spec_path.is_dir() and spec_path.resolve() in (resolved_out, *resolved_out.parents):
+            raise ValueError(f"--out {out} lies inside the input directory {spec}")
     for f in files:
         if resolved_out in f.resolve().parents:
             raise ValueError(f"input {f} lies inside the output directory {out}")
@@ -124,7 +129,7 @@ def prepare_dataset(
 
     out = Path(out_dir)
     files = input_files(inputs)
-    _check_out_dir(out, files)
+    _check_out_dir(out, inputs, files)
     out.mkdir(parents=True, exist_ok=True)
     # Removed first: from here until the end, the directory must not look complete.
     (out / "metadata.json").unlink(missing_ok=True)

@@ -33,7 +33,7 @@ def test_text_files_latin1_crlf_empty_and_long_line(tmp_path):
 
 def test_gzip_and_jsonl(tmp_path):
     with gzip.open(tmp_path / "book.txt.gz", "wb") as f:
-        f.write("Gzipped text.\r\n".encode())
+        f.write(b"Gzipped text.\r\n")
     rows = [{"text": "first row", "id": 1}, {"text": ""}, {"text": "third\r\nrow"}]
     body = "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n"
     with gzip.open(tmp_path / "rows.jsonl.gz", "wt") as f:
