@@ -130,7 +130,8 @@ def prepare_dataset(
     out = Path(out_dir)
     files = input_files(inputs)
     _check_out_dir(out, inputs, files)
-    out.mkdir(parents=True, exist_ok=True)
+    # The state directory marks `out` as ours, so a failed run can be re-run into it.
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     # Removed first: from here until the end, the directory must not look complete.
     (out / "metadata.json").unlink(missing_ok=True)
 

@@ -13,7 +13,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from data.prepare import main, prepare_dataset, tokenizer_main
 from data.shards import decode_record, file_sha256
-from data.tokenizer import load_tokenizer
+from data.tokenizer import CharTokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a cat sat on mat dog ran far away and then home quick brown fox naïve zebra".split()
@@ -238,6 +238,24 @@ def test_cli_prepare_and_errors(tmp_path, tokenizer_dir, capsys):
     (busy / "notes.txt").write_text("mine")
     assert main([str(corpus), "--out", str(busy), "--tokenizer", str(model)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_failed_run_names_the_document_and_can_be_rerun(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("abc")
+    (tmp_path / "in" / "b.txt").write_text("abz")
+    CharTokenizer(list("abc")).save(tmp_path / "tok")
+    argv = [str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tokenizer",
+            str(tmp_path / "tok"), "--no-progress"]
+    for workers in ("2", "1"):  # the error crosses the process boundary intact
+        assert main([*argv, "--workers", workers]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'in' / 'b.txt'}: char tokenizer: character 'z'" in err, err
+    assert not (tmp_path / "out" / "metadata.json").exists()
+    (tmp_path / "in" / "b.txt").write_text("abba")
+    assert main([*argv, "--workers", "1"]) == 0
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["tokens"] == 7 and meta["record"]["content"] == "token ids of one document"
 
 
 def test_tokenizer_cli_errors(tmp_path, capsys):
