@@ -51,6 +51,9 @@ class Document:
     disk_offset: int  # input bytes on disk consumed up to the end of this document (ETA)
 
 
+MAX_EXAMPLES = 10
+
+
 @dataclass
 class ReadStats:
     """What reading the inputs found; reported by `flaxpod prepare` and kept in metadata."""
@@ -60,7 +63,9 @@ class ReadStats:
     empty_documents: int = 0
     text_bytes: int = 0
     replaced_bytes: int = 0
-    files_with_replacements: list[str] = field(default_factory=list)
+    files_with_replacements: int = 0
+    # The first MAX_EXAMPLES of them, to report without growing with the input.
+    replacement_examples: list[str] = field(default_factory=list)
     crlf_documents: int = 0
     longest_line_chars: int = 0
 
@@ -72,7 +77,8 @@ class ReadStats:
             "empty_documents": self.empty_documents,
             "text_bytes": self.text_bytes,
             "replaced_bytes": self.replaced_bytes,
-            "files_with_replacements": list(self.files_with_replacements),
+            "files_with_replacements": self.files_with_replacements,
+            "replacement_examples": list(self.replacement_examples),
             "crlf_documents": self.crlf_documents,
             "longest_line_chars": self.longest_line_chars,
         }
@@ -124,6 +130,7 @@ class DocumentReader:
         self.files = list(files)
         self.jsonl_field = jsonl_field
         self.stats = ReadStats()
+        self._last_replaced_file: Path | None = None
 
     def total_disk_bytes(self) -> int:
         """Sum of the input files' sizes on disk (the denominator of the ETA)."""
@@ -146,8 +153,11 @@ class DocumentReader:
 
     def _count(self, text: str, raw_bytes: bytes, replaced: int, path: Path) -> None:
         self.stats.replaced_bytes += replaced
-        if replaced and str(path) not in self.stats.files_with_replacements:
-            self.stats.files_with_replacements.append(str(path))
+        if replaced and path != self._last_replaced_file:
+            self._last_replaced_file = path
+            self.stats.files_with_replacements += 1
+            if len(self.stats.replacement_examples) < MAX_EXAMPLES:
+                self.stats.replacement_examples.append(str(path))
         if b"\r\n" in raw_bytes:
             self.stats.crlf_documents += 1
         if not text:

@@ -37,7 +37,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from data.documents import DocumentReader, document_hash, hash_below, input_files
+from data.documents import (
+    MAX_EXAMPLES,
+    DocumentReader,
+    document_hash,
+    hash_below,
+    input_files,
+)
 from data.progress import Progress
 from data.shard_builder import SPLITS, STATE_DIR, ShardBuilder, TokenizerPool
 from data.shards import write_json
@@ -53,6 +59,8 @@ FORMAT = "flaxpod-prepared-dataset"
 FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_SHARD_BYTES = 64 << 20
+DEFAULT_VOCAB_SIZE = 8000
+DEFAULT_MODEL_TYPE = "bpe"
 
 
 def default_workers() -> int:
@@ -93,8 +101,8 @@ def prepare_dataset(
     out_dir: str | os.PathLike,
     *,
     tokenizer: str | os.PathLike | Tokenizer | None = None,
-    vocab_size: int = 8000,
-    model_type: str = "bpe",
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    model_type: str = DEFAULT_MODEL_TYPE,
     jsonl_field: str = "text",
     val_fraction: float = 0.005,
     shard_docs: int | None = None,
@@ -202,7 +210,7 @@ def prepare_dataset(
             "fingerprint": tok.fingerprint(),
             **tok_info,
         },
-        "inputs": [str(p) for p in files],
+        "inputs": [str(spec) for spec in inputs],
         "jsonl_field": jsonl_field,
         "val_fraction": val_fraction,
         "split_rule": "val iff int(sha256(utf8 text)[:8], big-endian) < val_fraction * 2**64",
@@ -249,9 +257,11 @@ def parse_size(text: str) -> int:
 
 
 def _add_tokenizer_training_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab-size", type=int, default=8000,
-                        help="SentencePiece vocabulary size (default 8000)")
-    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    # Defaults are filled in later, so that prepare can tell them from given values.
+    parser.add_argument("--vocab-size", type=int,
+                        help=f"SentencePiece vocabulary size (default {DEFAULT_VOCAB_SIZE})")
+    parser.add_argument("--model-type", choices=("bpe", "unigram"),
+                        help=f"SentencePiece model type (default {DEFAULT_MODEL_TYPE})")
     parser.add_argument("--jsonl-field", default="text",
                         help="field holding the text in .jsonl inputs (default: text)")
     parser.add_argument("--tokenizer-sample", type=parse_size,
@@ -292,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = _prepare_parser().parse_args(argv)
+        if args.tokenizer and (args.vocab_size is not None or args.model_type is not None):
+            raise ValueError("--vocab-size and --model-type train a tokenizer; with "
+                             "--tokenizer the given one is used: drop one or the other")
+        args.vocab_size = args.vocab_size or DEFAULT_VOCAB_SIZE
+        args.model_type = args.model_type or DEFAULT_MODEL_TYPE
         meta = prepare_dataset(
             args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             model_type=args.model_type, jsonl_field=args.jsonl_field,
@@ -322,7 +337,9 @@ def summary(meta: dict, out: str | os.PathLike) -> str:
         f"inputs: {reading['files']} files, {reading['text_bytes']:,} bytes of text; "
         f"{reading['empty_documents']} empty skipped; {reading['crlf_documents']} with CRLF; "
         f"{reading['replaced_bytes']} undecodable bytes replaced"
-        + (f" (in {', '.join(reading['files_with_replacements'])})"
+        + (f" in {reading['files_with_replacements']} files "
+           f"({', '.join(reading['replacement_examples'])}"
+           f"{', ...' if reading['files_with_replacements'] > MAX_EXAMPLES else ''})"
            if reading["files_with_replacements"] else "")
         + f"; longest line {reading['longest_line_chars']:,} chars; "
         f"{reading['documents_larger_than_a_shard']} documents larger than a shard",
@@ -348,6 +365,8 @@ def tokenizer_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = _tokenizer_parser().parse_args(argv)
+        args.vocab_size = args.vocab_size or DEFAULT_VOCAB_SIZE
+        args.model_type = args.model_type or DEFAULT_MODEL_TYPE
         files = input_files(args.inputs)
         start = time.perf_counter()
         tok, info = train_tokenizer_on_inputs(

@@ -26,7 +26,8 @@ def test_text_files_latin1_crlf_empty_and_long_line(tmp_path):
     assert stats.documents == 3
     assert stats.empty_documents == 1
     assert stats.replaced_bytes == 1
-    assert stats.files_with_replacements == [str(tmp_path / "a.txt")]
+    assert stats.files_with_replacements == 1
+    assert stats.replacement_examples == [str(tmp_path / "a.txt")]
     assert stats.crlf_documents == 1
     assert stats.longest_line_chars == 300_000
 

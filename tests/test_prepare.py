@@ -225,6 +225,8 @@ def test_cli_prepare_and_errors(tmp_path, tokenizer_dir, capsys):
         ([str(corpus), "--out", str(corpus / "sub")], "lies inside the input directory"),
         ([str(out / "metadata.json"), "--out", str(out)], "lies inside the output directory"),
         ([str(corpus), "--out", str(tmp_path / "x"), "--bogus"], "unrecognized arguments"),
+        ([str(corpus), "--out", str(tmp_path / "x"), "--tokenizer", str(tokenizer_dir),
+          "--vocab-size", "500"], "--vocab-size and --model-type train a tokenizer"),
         ([str(corpus), "--out", str(tmp_path / "x"), "--tokenizer", str(corpus / "crlf.txt")],
          "not a SentencePiece model"),
     ]
