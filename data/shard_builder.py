@@ -109,15 +109,15 @@ class _PendingShard:
     texts: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
+    disk_offsets: list[int] = field(default_factory=list)  # input position after each
     text_bytes: int = 0
-    disk_offset: int = 0
 
     def add(self, doc: Document, digest: bytes, size: int) -> None:
         self.texts.append(doc.text)
         self.sources.append(doc.source)
         self.hashes.append(digest)
         self.text_bytes += size
-        self.disk_offset = doc.disk_offset
+        self.disk_offsets.append(doc.disk_offset)
 
 
 def plan_hash(tokenizer_fingerprint: str, document_hashes: Iterable[bytes]) -> str:
@@ -199,7 +199,7 @@ class ShardBuilder:
         entry = self._reusable(self.out / rel, state_path, plan)
         if entry is not None:
             self.reused += 1
-            self.progress.update(len(pending.texts), pending.disk_offset)
+            self.progress.update(len(pending.texts), pending.disk_offsets[-1])
         else:
             entry = self._write(rel, pending)
             write_json(state_path, {"plan": plan, **entry})
@@ -216,16 +216,12 @@ class ShardBuilder:
 
     def _write(self, rel: str, pending: _PendingShard) -> dict:
         path = self.out / rel
-        unreported = 0
         with ShardWriter(path) as writer:
-            for record in self.tokenizers.records(pending.texts, pending.sources):
+            records = self.tokenizers.records(pending.texts, pending.sources)
+            for record, disk_offset in zip(records, pending.disk_offsets, strict=True):
                 writer.write(record)
-                unreported += 1
-                if unreported == 64:
-                    self.progress.update(unreported, 0)
-                    unreported = 0
+                self.progress.update(1, disk_offset)
             writer.commit()
-        self.progress.update(unreported, pending.disk_offset)
         return {
             "path": rel,
             "documents": writer.documents,

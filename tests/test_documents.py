@@ -1,12 +1,14 @@
 """Reading raw inputs into documents: text, .gz, JSONL, and the real-world oddities."""
 
 import gzip
+import io
 import json
 import os
 import re
 
 import pytest
 
+from data import progress
 from data.documents import DocumentReader, document_hash, hash_below, input_files
 
 
@@ -96,3 +98,12 @@ def test_hash_choice_is_a_property_of_the_document():
     assert 900 < chosen < 1100
     assert hash_below(document_hash("document 7"), 0.25) == hash_below(digests[7], 0.25)
     assert not any(hash_below(d, 0.0) for d in digests)
+
+
+def test_progress_line(monkeypatch):
+    clock = iter([100.0, 102.0, 102.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    bar = progress.Progress("prepare", 10_000_000, stream=out, log_every=0)
+    bar.update(3, 4_000_000)  # 4 MB in 2 s: 2 MB/s, 6 MB left: 3 s
+    assert out.getvalue() == "prepare: 3 docs | 4.0/10.0 MB (40%) | 2.00 MB/s | ETA 0:00:03\n"
