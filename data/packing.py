@@ -48,6 +48,7 @@ class _Group:
     pair_starts: np.ndarray  # pair index where each document starts, then the total
     shift: np.ndarray  # per document: its first token's index minus its first pair's
     first_document: int  # running document number of the group's first document
+    pairs: int  # pairs in the group
 
     @classmethod
     def build(cls, parent_state: dict, documents: Sequence[np.ndarray], first_document: int):
@@ -60,11 +61,7 @@ class _Group:
         token_starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
         pair_starts = np.concatenate([[0], np.cumsum(pairs)])
         return cls(parent_state, tokens, pair_starts, token_starts - pair_starts[:-1],
-                   first_document)
-
-    @property
-    def pairs(self) -> int:
-        return int(self.pair_starts[-1])
+                   first_document, int(pair_starts[-1]))
 
     def take(self, start: int, stop: int) -> tuple[np.ndarray, ...]:
         """(inputs, targets, positions, document numbers) of pairs [start, stop)."""
@@ -76,24 +73,23 @@ class _Group:
 
 
 def _assemble(pieces: list[tuple[np.ndarray, ...]], seq_len: int) -> Row:
-    inputs, targets, positions, documents = (np.concatenate(p) for p in zip(*pieces,
-                                                                             strict=True))
+    if len(pieces) == 1:
+        inputs, targets, positions, documents = pieces[0]
+    else:
+        inputs, targets, positions, documents = (np.concatenate(p) for p in zip(*pieces,
+                                                                                 strict=True))
     n = len(inputs)
-    new_segment = np.ones(n, dtype=bool)
-    new_segment[1:] = documents[1:] != documents[:-1]
+    changes = documents[1:] != documents[:-1]
+    segment_ids = np.ones(n, np.int32)
+    np.cumsum(changes, out=segment_ids[1:])
+    segment_ids[1:] += 1
     # A document continued from the previous row restarts its positions here.
-    first_end = int(np.argmax(new_segment[1:])) + 1 if new_segment[1:].any() else n
+    first_end = int(np.argmax(changes)) + 1 if changes.any() else n
     positions[:first_end] -= positions[0]
-    row = {
-        "inputs": np.zeros(seq_len, np.int32),
-        "targets": np.zeros(seq_len, np.int32),
-        "segment_ids": np.zeros(seq_len, np.int32),
-        "positions": np.zeros(seq_len, np.int32),
-    }
-    row["inputs"][:n] = inputs
-    row["targets"][:n] = targets
-    row["segment_ids"][:n] = np.cumsum(new_segment)
-    row["positions"][:n] = positions
+    row = {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
+           "positions": positions}
+    if n < seq_len:  # only the last row of a finite stream
+        row = {k: np.pad(v, (0, seq_len - n)) for k, v in row.items()}
     return row
 
 
