@@ -325,9 +325,12 @@ def make_packed_train_iterator(
     Each batch is a dict of arrays [global_batch_size // process_count, seq_len]: inputs,
     targets, segment_ids, positions (int32) and loss_mask (float32). `weights` mixes the
     datasets by rows (default equal). `tokenizer_fingerprint`, when given, must equal the
-    datasets' tokenizer sha256. `worker_processes > 0` prefetches in processes instead of
-    threads. The iterator's `get_state()` is a small dict; `set_state()` resumes exactly
-    (with the same arguments and process count).
+    datasets' tokenizer sha256. Rows are shuffled within windows of `shuffle_window_rows`
+    (0 turns it off), so that a batch is not consecutive slices of one long document.
+    `prefetch_batches` are prepared ahead in a thread, or in `worker_processes` processes
+    when > 0 (then the batches depend on the worker count). The iterator's `get_state()`
+    is a small JSON-able dict; `set_state()` resumes exactly (same arguments and process
+    count); call `close()` when done.
     """
     return iter(
         make_packed_train_dataset(
