@@ -1,0 +1,147 @@
+"""Train a SentencePiece tokenizer on a sample of raw inputs, or load a given one.
+
+Shared by `flaxpod tokenizer` (train only) and `flaxpod prepare` (train, or reuse the one
+a previous run of the same command trained, so that re-running rewrites nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from data.documents import DocumentReader, document_hash, hash_below
+from data.shards import read_json, write_json
+from data.tokenizer import (
+    SentencePieceTokenizer,
+    Tokenizer,
+    has_tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
+
+DEFAULT_SAMPLE_BYTES = 256 << 20
+# Salt for the sample choice, so it is independent of the validation split's choice.
+_SAMPLE_SALT = b"tokenizer-sample:"
+
+
+def load_tokenizer_arg(spec: str | os.PathLike) -> Tokenizer:
+    """The tokenizer named by --tokenizer: a saved tokenizer directory or a `.model` file."""
+    path = Path(spec)
+    if path.is_dir():
+        return load_tokenizer(path)
+    if path.is_file():
+        return SentencePieceTokenizer.load(path)
+    raise FileNotFoundError(
+        f"--tokenizer {os.fspath(spec)!r}: no such directory or SentencePiece model file"
+    )
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
+    """Saves `tokenizer` as the only tokenizer file in `directory`."""
+    if directory.is_dir():
+        # A file of another tokenizer kind left behind would make load_tokenizer ambiguous.
+        for stale in directory.iterdir():
+            if stale.is_file():
+                stale.unlink()
+    tokenizer.save(directory)
+
+
+def _sample_texts(reader: DocumentReader, sample_bytes: int, counts: dict) -> Iterator[str]:
+    """Documents kept with probability sample_bytes / input size (by hash), up to the cap.
+
+    Choosing by hash rather than taking the first N bytes spreads the sample over all
+    inputs and keeps it identical from run to run.
+    """
+    keep = min(1.0, sample_bytes / max(reader.total_disk_bytes(), 1))
+    for doc in reader:
+        if counts["chars"] >= sample_bytes:
+            break
+        if hash_below(document_hash(doc.text, _SAMPLE_SALT), keep):
+            counts["documents"] += 1
+            counts["chars"] += len(doc.text)
+            yield doc.text
+
+
+def train_tokenizer_on_inputs(
+    files: Sequence[Path],
+    *,
+    vocab_size: int,
+    model_type: str,
+    jsonl_field: str = "text",
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+    byte_fallback: bool = True,
+) -> tuple[Tokenizer, dict]:
+    """Trains SentencePiece on a hash-chosen sample of the documents in `files`.
+
+    Returns the tokenizer and how it was trained (settings, sample size) for metadata.
+    """
+    counts = {"documents": 0, "chars": 0}
+    tokenizer = train_sentencepiece(
+        _sample_texts(DocumentReader(files, jsonl_field=jsonl_field), sample_bytes, counts),
+        vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+    )
+    if counts["documents"] == 0:
+        raise ValueError("tokenizer: the inputs hold no text to train on")
+    info = {
+        "vocab_size": vocab_size,
+        "model_type": model_type,
+        "byte_fallback": byte_fallback,
+        "sample_documents": counts["documents"],
+        "sample_chars": counts["chars"],
+    }
+    return tokenizer, info
+
+
+def _request_hash(files: Sequence[Path], request: dict) -> str:
+    """Identity of a training request: its settings and its inputs' names, sizes, mtimes."""
+    described = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps([request, described]).encode()).hexdigest()
+
+
+def dataset_tokenizer(
+    tokenizer: str | os.PathLike | Tokenizer | None,
+    files: Sequence[Path],
+    directory: Path,
+    record_path: Path,
+    *,
+    vocab_size: int,
+    model_type: str,
+    jsonl_field: str,
+    sample_bytes: int,
+    log: Callable[[str], None],
+) -> tuple[Tokenizer, dict]:
+    """The tokenizer of a dataset being prepared, saved in `directory`.
+
+    A given `tokenizer` (directory, `.model` file or object) is copied there. Otherwise one
+    is trained on `files`, unless `record_path` shows that the tokenizer already in
+    `directory` was trained by the same request on unchanged inputs.
+    """
+    if tokenizer is not None:
+        given = isinstance(tokenizer, Tokenizer)
+        tok = tokenizer if given else load_tokenizer_arg(tokenizer)
+        save_tokenizer(tok, directory)
+        return tok, {"source": None if given else os.fspath(tokenizer)}
+
+    request = {"vocab_size": vocab_size, "model_type": model_type, "jsonl_field": jsonl_field,
+               "sample_bytes": sample_bytes}
+    request_hash = _request_hash(files, request)
+    previous = read_json(record_path)
+    if previous and previous.get("request") == request_hash and has_tokenizer(directory):
+        tok = load_tokenizer(directory)
+        if tok.fingerprint() == previous.get("fingerprint"):
+            log(f"reusing the tokenizer a previous run trained ({directory})")
+            return tok, previous["info"]
+    log(f"training a {model_type} SentencePiece tokenizer, vocab {vocab_size} ...")
+    tok, info = train_tokenizer_on_inputs(
+        files, vocab_size=vocab_size, model_type=model_type, jsonl_field=jsonl_field,
+        sample_bytes=sample_bytes,
+    )
+    save_tokenizer(tok, directory)
+    write_json(record_path, {"request": request_hash, "fingerprint": tok.fingerprint(),
+                             "info": info})
+    return tok, info
