@@ -32,7 +32,7 @@ def test_two_processes_match_one(tmp_path):
             "--devices-per-process",
             "4",
             "--",
-            "python",
+            sys.executable,
             "-m",
             "train.pretrain",
             "configs/tiny.yaml",

@@ -8,29 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import yaml
 
-from data.pipeline import make_eval_batches, make_train_iterator, split_tokens, tokenize_corpus
-from data.text import read_corpus, resolve_text_paths
-from data.tokenizer import (
-    Tokenizer,
-    has_tokenizer,
-    load_tokenizer,
-    train_char_tokenizer,
-    train_sentencepiece,
-)
+from data.tokenizer import Tokenizer, has_tokenizer
 from model.axes import activation_sharding
 from model.transformer import count_params
 from sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
 from sharding.rules import activation_resolver, make_rules
 from train.checkpoint import Checkpointer
 from train.config import Config, ConfigError, check_against_devices, save_config, to_dict
+from train.data_source import load_run_data
 from train.flops import flops_per_token, peak_flops_per_device
 from train.metrics import MetricsWriter, Progress, format_duration
 from train.optimizer import make_optimizer
@@ -40,62 +31,9 @@ from train.step import compile_train_step, make_eval_step, make_train_step
 VOCAB_MULTIPLE = 64  # embedding rows rounded up so vocab splits evenly over tensor axes
 
 
-@dataclass
-class TextData:
-    tokenizer: Tokenizer
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    description: str
-
-
 def log(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
-
-
-def load_text_data(cfg: Config, run_dir: Path) -> TextData:
-    """Reads and tokenizes the corpus. The tokenizer comes from the run directory when it has
-    one (resume), else from tokenizer.path, else it is trained on the corpus (not yet saved)."""
-    paths = resolve_text_paths([p for p in cfg.data.path.split(",") if p])
-    corpus = read_corpus(paths)
-    if cfg.data.max_bytes:
-        corpus.documents = _truncate(corpus.documents, cfg.data.max_bytes)
-    source_dir = run_dir / "tokenizer" if has_tokenizer(run_dir / "tokenizer") else None
-    if source_dir is None and cfg.tokenizer.path:
-        source_dir = Path(cfg.tokenizer.path)
-    if source_dir is not None:
-        tokenizer = load_tokenizer(source_dir)
-    else:
-        tokenizer = train_tokenizer(cfg, corpus.documents)
-    tokens = tokenize_corpus(corpus, tokenizer)
-    train_tokens, val_tokens = split_tokens(
-        tokens, cfg.data.val_fraction, seq_len=cfg.model.seq_len, data_path=cfg.data.path
-    )
-    chars = sum(len(d) for d in corpus.documents)
-    description = (
-        f"{len(corpus.paths)} files, {chars:,} characters, {len(tokens):,} tokens "
-        f"({len(train_tokens):,} train / {len(val_tokens):,} val), "
-        f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} ids"
-        + (f", {corpus.replaced_bytes} undecodable bytes replaced" if corpus.replaced_bytes else "")
-    )
-    return TextData(tokenizer, train_tokens, val_tokens, description)
-
-
-def train_tokenizer(cfg: Config, documents: list[str]) -> Tokenizer:
-    """Trains the configured tokenizer in memory; it is saved once the run directory is written."""
-    if cfg.tokenizer.kind == "char":
-        return train_char_tokenizer("".join(documents))
-    return train_sentencepiece(documents, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type)
-
-
-def _truncate(documents: list[str], max_chars: int) -> list[str]:
-    out, total = [], 0
-    for doc in documents:
-        if total >= max_chars:
-            break
-        out.append(doc[: max_chars - total])
-        total += len(out[-1])
-    return out
 
 
 def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> Config:
@@ -130,32 +68,11 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
     mesh_shape = check_against_devices(cfg, jax.device_count())
-    data = load_text_data(cfg, run_dir)
+    data = load_run_data(cfg, run_dir)
     cfg = resolve_model_config(cfg, data.tokenizer)
     check_resume_compatible(cfg, run_dir)
-    micro_rows = cfg.data.batch_size // cfg.train.grad_accum
     if cfg.model.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"model.seq_len: {cfg.model.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-
-    pid, pcount = jax.process_index(), jax.process_count()
-    stride = cfg.data.window_stride or cfg.model.seq_len
-    train_iter = make_train_iterator(
-        data.train_tokens,
-        seq_len=cfg.model.seq_len,
-        global_batch_size=cfg.data.batch_size,
-        seed=cfg.seed,
-        stride=stride,
-        process_index=pid,
-        process_count=pcount,
-    )
-    eval_batches = make_eval_batches(
-        data.val_tokens,
-        seq_len=cfg.model.seq_len,
-        global_batch_size=cfg.data.batch_size,
-        num_batches=cfg.train.eval_steps,
-        process_index=pid,
-        process_count=pcount,
-    )
 
     # Inputs are valid: from here on the run directory is written.
     if is_main:
@@ -174,7 +91,7 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
     log(
         f"model: {cfg.model.family}, {n_params / 1e6:.2f}M parameters ({n_nonembed / 1e6:.2f}M "
         f"non-embedding); mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} tensor={mesh_shape[2]} "
-        f"over {jax.device_count()} devices in {pcount} process(es)"
+        f"over {jax.device_count()} devices in {jax.process_count()} process(es)"
     )
     if cfg.logging.show_sharding:
         log(sharding_table(layout.shapes["params"], layout.param_shardings))
@@ -200,11 +117,10 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
             layout,
             train_step,
             eval_step,
-            train_iter,
-            eval_batches,
+            data.train_iter,
+            data.eval_batches,
             b_sharding,
             n_nonembed,
-            micro_rows,
             tx,
         )
 
@@ -219,7 +135,6 @@ def _train(
     eval_batches,
     b_sharding,
     n_nonembed,
-    micro_rows,
     tx,
 ) -> dict[str, Any]:
     is_main = jax.process_index() == 0
@@ -284,6 +199,8 @@ def _train(
     finally:
         checkpointer.close()
         writer.close()
+        if hasattr(train_iter, "close"):  # prefetching iterators hold threads or processes
+            train_iter.close()
     elapsed = time.perf_counter() - progress.start
     log(
         f"done: {cfg.train.steps} steps in {format_duration(elapsed)}; outputs in {run_dir.resolve()} "
