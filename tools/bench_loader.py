@@ -9,11 +9,17 @@ shuffle windows and at least 200, since the window fills in bursts). Prints slot
 per second), real tokens/s (positions with loss_mask 1, i.e. slots/s times the packing
 efficiency), the packing efficiency, and the time to the first batch. Several
 comma-separated dataset directories are mixed with equal weights.
+
+With `--train-config CONFIG.yaml` it also times that config's real train step (train.step, one
+process, all local devices, random tokens of the same seq_len, `--train-batch` rows) and prints
+the tokens/s training consumes next to the loader's, with their ratio: the loader must stay far
+ahead of training. E.g. `--train-config configs/gpt2_124m.yaml`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -66,6 +72,42 @@ def bench(
     }
 
 
+def training_tokens_per_sec(config_path: str, seq_len: int, rows: int, steps: int = 2) -> float:
+    """Tokens/s of the config's compiled train step on this machine (compile excluded)."""
+    import jax
+
+    from model.axes import activation_sharding
+    from sharding.mesh import batch_sharding, build_mesh, put_batch
+    from sharding.rules import activation_resolver, make_rules
+    from train.config import load_config
+    from train.optimizer import make_optimizer
+    from train.state import init_state, make_layout
+    from train.step import compile_train_step, make_train_step
+
+    n = jax.device_count()
+    cfg = load_config(config_path, [f"model.seq_len={seq_len}", f"data.batch_size={rows}", "train.grad_accum=1",
+                                    f"mesh.data={n}", "mesh.fsdp=1", "mesh.tensor=1"])
+    model_cfg = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=32768)
+    model_cfg = dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, seq_len))
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    mesh = build_mesh(n, 1, 1)
+    rules = make_rules(cfg.mesh.rules)
+    layout = make_layout(model_cfg, tx, mesh, rules)
+    b_sharding = batch_sharding(mesh, rules)
+    tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (rows, seq_len + 1)).astype(np.int32)
+    batch = put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, b_sharding)
+    with activation_sharding(activation_resolver(mesh, rules)):
+        step = compile_train_step(make_train_step(layout, tx, schedule), layout, b_sharding)
+        state = init_state(model_cfg, tx, layout, 0)
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+    return steps * rows * seq_len / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses arguments, runs `bench`, prints one line of figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -78,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffle-window-rows", type=int, default=1024)
     parser.add_argument("--prefetch", type=int, default=4, help="batches prefetched")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-config", help="also time this config's train step, e.g. configs/gpt2_124m.yaml")
+    parser.add_argument("--train-batch", type=int, default=1, help="rows per timed train step")
     args = parser.parse_args(argv)
     dirs = args.dataset_dir.split(",")
     try:
@@ -97,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         f"first batch {r['first_batch_seconds']:.2f} s, {r['steps']} steps in "
         f"{r['seconds']:.2f} s"
     )
+    if args.train_config:
+        train_tps = training_tokens_per_sec(args.train_config, args.seq_len, args.train_batch)
+        print(f"{'':<2}{'consumer':<44}{'tokens/s':>14}")
+        loader_name = f"loader ({args.worker_processes} worker processes)"
+        print(f"{'':<2}{loader_name:<44}{r['tokens_per_sec']:>14,.0f}")
+        print(f"{'':<2}{'training ' + args.train_config + ' (this machine)':<44}{train_tps:>14,.1f}")
+        print(f"  loader / training = {r['tokens_per_sec'] / train_tps:,.0f}x")
     return 0
 
 

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 SUBCOMMANDS = {
     "pretrain": ("train.pretrain", "main", "pretrain a model from a YAML config"),
+    "prepare": ("data.prepare", "main", "tokenize text into ArrayRecord shards for training"),
+    "tokenizer": ("data.prepare", "tokenizer_main", "train a SentencePiece tokenizer on text"),
     "launch": ("sharding.launch", "main", "run a command as N JAX processes on this machine"),
     "config-reference": (
         "train.cli",
