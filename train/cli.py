@@ -8,6 +8,14 @@ from collections.abc import Callable
 
 SUBCOMMANDS = {
     "pretrain": ("train.pretrain", "main", "pretrain a model from a YAML config"),
+    "evaluate": (
+        "train.evaluate",
+        "main",
+        "loss, perplexity, bits per byte and multiple-choice accuracy of a checkpoint",
+    ),
+    "generate": ("train.generate", "main", "sample text from a checkpoint (KV-cache decoding)"),
+    "export": ("tools.hf_export", "main", "write a checkpoint as a Hugging Face model directory or safetensors"),
+    "import-hf": ("tools.hf_import", "main", "turn a Hugging Face GPT-2/Llama directory into a run directory"),
     "launch": ("sharding.launch", "main", "run a command as N JAX processes on this machine"),
     "config-reference": (
         "train.cli",
