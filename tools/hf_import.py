@@ -53,7 +53,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | N
     """Writes a params-only run directory for a Hugging Face model directory; returns it."""
     from data.tokenizer import load_tokenizer
     from tools.hf_tokenizer import read_hf_tokenizer
-    from tools.hf_weights import from_hf, model_config_from_hf
+    from tools.hf_weights import drop_zero_biases, from_hf, model_config_from_hf
     from train.config import Config, TokenizerConfig
     from train.run_dir import write_params_run
 
@@ -76,6 +76,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | N
                 "pass --tokenizer DIR with a flaxpod tokenizer that has the same ids"
             )
     params = from_hf(read_safetensors(hf_dir), model_cfg, str(hf_dir))
+    params, model_cfg = drop_zero_biases(params, model_cfg)
     tok_cfg = TokenizerConfig(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size if tokenizer.vocab_size > 0 else 1)
     cfg = Config(run_dir=str(out), model=model_cfg, tokenizer=tok_cfg)
     return write_params_run(out, cfg, tokenizer, params, step=0)

@@ -349,6 +349,30 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str) -> dic
     return params
 
 
+def drop_zero_biases(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """A gpt2-family import whose biases are all exactly zero (as `flaxpod export` writes for a
+    bias=false model) becomes a bias=false model again: the same function, and export -> import
+    gives back the original parameter tree."""
+    import dataclasses
+
+    if cfg.family != "gpt2":
+        return params, cfg
+    blocks = params["blocks"]
+    biases = [params["final_norm"]["bias"], blocks["attn_norm"]["bias"], blocks["mlp_norm"]["bias"]]
+    biases += [v for k, v in {**blocks["attn"], **blocks["mlp"]}.items() if k.endswith("_bias")]
+    if any(np.any(b != 0) for b in biases):
+        return params, cfg
+
+    def strip(tree: dict) -> dict:
+        return {
+            k: strip(v) if isinstance(v, dict) else v
+            for k, v in tree.items()
+            if k != "bias" and not k.endswith("_bias")
+        }
+
+    return strip(params), dataclasses.replace(cfg, bias=False)
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
     """Nested dict -> {"a/b/c": array}: the names of the plain safetensors format."""
     out: dict[str, np.ndarray] = {}
