@@ -92,7 +92,8 @@ class Scorer:
         rules = make_rules(run.cfg.mesh.rules, run.cfg.mesh.rule_overrides)
         self.sharding = batch_sharding(run.mesh, rules)
         ways = 1
-        for axis in self.sharding.spec[0] or ():
+        batch_axes = self.sharding.spec[0] or ()
+        for axis in (batch_axes,) if isinstance(batch_axes, str) else batch_axes:
             ways *= run.mesh.shape[axis]
         ways = max(ways, jax.process_count())
         self.batch_size = -(-batch_size // ways) * ways  # each data shard gets whole rows
