@@ -18,7 +18,7 @@ from train.config import Config, ModelConfig, TokenizerConfig, save_config
 from train.evaluate import Choice, Scorer, _score_by_length, mc_metrics, mc_requests, read_mc_jsonl, run_evaluate
 from train.optimizer import make_optimizer
 from train.run_dir import load_run, single_device_mesh, write_params_run
-from train.state import abstract_model, init_state, make_layout
+from train.state import abstract_model, make_layout
 
 TEXT = "the cat sat on the mat. a dog ran to the sun, and the cat ran too!\nQ: who? A: the cat.\n" * 6
 SEQ = 16
@@ -160,7 +160,10 @@ def test_training_checkpoint_from_another_mesh(tmp_path):
     tx, _ = make_optimizer(cfg.optim, 10)
     mesh = build_mesh(2, 2, 2)
     layout = make_layout(cfg.model, tx, mesh, make_rules("fsdp_tp"))
-    state = init_state(cfg.model, tx, layout, seed=1)
+    rng = np.random.default_rng(1)  # random values in every leaf, placed on their shards (init_state compiles slowly)
+    state = jax.tree.map(
+        lambda s, sh: jax.device_put(rng.normal(size=s.shape).astype(s.dtype), sh), layout.shapes, layout.shardings
+    )
     checkpointer = Checkpointer(tmp_path, keep=2, async_save=False)
     checkpointer.save(3, state, None)
     checkpointer.close()
