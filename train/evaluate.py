@@ -341,7 +341,10 @@ def _validation_split(run) -> tuple[np.ndarray, int]:
     from data.text import read_corpus, resolve_text_paths
 
     cfg = run.cfg
-    corpus = read_corpus(resolve_text_paths([p for p in cfg.data.path.split(",") if p]))
+    try:
+        corpus = read_corpus(resolve_text_paths([p for p in cfg.data.path.split(",") if p]))
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--val: cannot read the run's data.path ({e}); give the held-out text with --text") from None
     if cfg.data.max_bytes:
         from train.loop import _truncate
 
