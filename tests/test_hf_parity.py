@@ -227,3 +227,32 @@ def test_unsupported_inputs_are_refused(tmp_path, tokenizers):
     big.save(tmp_path / "bigtok")
     with pytest.raises(ValueError, match="200 ids but the model's embedding has only"):
         import_hf(notok, tmp_path / "out5", tokenizer_dir=tmp_path / "bigtok")
+
+
+def test_plain_safetensors_and_bfloat16_export(tokenizers, tmp_path):
+    from safetensors.numpy import load_file
+
+    from tools.hf_weights import flatten
+
+    tok = tokenizers["char"]
+    m = ModelConfig(
+        family="llama", n_layer=1, n_head=2, d_model=16, seq_len=8, max_seq_len=8, vocab_size=tok.vocab_size
+    )
+    cfg = Config(run_dir=str(tmp_path / "run"), model=m, tokenizer=TokenizerConfig(kind="char"))
+    params = _random_params(m, 3)
+    write_params_run(tmp_path / "run", cfg, tok, params)
+
+    run_export(tmp_path / "run", tmp_path / "plain", fmt="safetensors")
+    loaded = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    expected = flatten(params)
+    assert sorted(loaded) == sorted(expected) and "blocks/attn/q" in loaded
+    for name, value in expected.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    assert (tmp_path / "plain" / "config.yaml").is_file() and (tmp_path / "plain" / "tokenizer").is_dir()
+
+    run_export(tmp_path / "run", tmp_path / "bf16", dtype="bfloat16")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    np.testing.assert_allclose(hf.model.embed_tokens.weight.float().numpy(), params["embed"], rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="not empty"):
+        run_export(tmp_path / "run", tmp_path / "bf16")

@@ -318,7 +318,10 @@ def run_evaluate(
     scorer = Scorer(run, batch_size)
     results: dict[str, dict[str, Any]] = {}
     for spec, corpus in corpora.items():
-        tokens, nbytes = text_tokens(run.tokenizer, corpus.documents)
+        try:
+            tokens, nbytes = text_tokens(run.tokenizer, corpus.documents)
+        except ValueError as e:
+            raise ValueError(f"--text {spec}: {e}") from None
         results[f"text:{Path(spec).name}"] = lm_metrics(scorer, tokens, window, nbytes)
     if val:
         tokens, nbytes = _validation_split(run)
