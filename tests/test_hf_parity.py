@@ -253,6 +253,8 @@ def test_plain_safetensors_and_bfloat16_export(tokenizers, tmp_path):
     run_export(tmp_path / "run", tmp_path / "bf16", dtype="bfloat16")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
-    np.testing.assert_allclose(hf.model.embed_tokens.weight.detach().float().numpy(), params["embed"], rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(
+        hf.model.embed_tokens.weight.detach().float().numpy(), params["embed"], rtol=1e-2, atol=1e-2
+    )
     with pytest.raises(ValueError, match="not empty"):
         run_export(tmp_path / "run", tmp_path / "bf16")
