@@ -100,7 +100,7 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     GPT2LMHeadModel always has them.
     """
     check_exportable(cfg)
-    p = {k: v for k, v in params.items()}
+    p = params
     blocks = params["blocks"]
     out: dict[str, np.ndarray] = {}
     d, h = cfg.d_model, cfg.n_head
@@ -112,29 +112,28 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
         return np.asarray(x, np.float32).reshape(shape)
 
     if cfg.family == "gpt2":
-        zeros = np.zeros
         out["transformer.wte.weight"] = p["embed"]
         out["transformer.wpe.weight"] = p["pos_embed"]
         fn = p["final_norm"]
         out["transformer.ln_f.weight"] = fn["scale"]
-        out["transformer.ln_f.bias"] = fn.get("bias", zeros(d))
+        out["transformer.ln_f.bias"] = fn.get("bias", np.zeros(d))
         attn, mlp = blocks["attn"], blocks["mlp"]
         for i in range(cfg.n_layer):
             pre = f"transformer.h.{i}."
             for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
                 out[pre + theirs + ".weight"] = blocks[ours]["scale"][i]
-                out[pre + theirs + ".bias"] = blocks[ours]["bias"][i] if "bias" in blocks[ours] else zeros(d)
+                out[pre + theirs + ".bias"] = blocks[ours]["bias"][i] if "bias" in blocks[ours] else np.zeros(d)
             out[pre + "attn.c_attn.weight"] = np.concatenate([flat(attn[n][i], d, h * hd) for n in "qkv"], axis=1)
             if "q_bias" in attn:
                 out[pre + "attn.c_attn.bias"] = np.concatenate([flat(attn[n + "_bias"][i], h * hd) for n in "qkv"])
             else:
-                out[pre + "attn.c_attn.bias"] = zeros(3 * d)
+                out[pre + "attn.c_attn.bias"] = np.zeros(3 * d)
             out[pre + "attn.c_proj.weight"] = flat(attn["o"][i], h * hd, d)
-            out[pre + "attn.c_proj.bias"] = attn["o_bias"][i] if "o_bias" in attn else zeros(d)
+            out[pre + "attn.c_proj.bias"] = attn["o_bias"][i] if "o_bias" in attn else np.zeros(d)
             out[pre + "mlp.c_fc.weight"] = mlp["up"][i]
-            out[pre + "mlp.c_fc.bias"] = mlp["up_bias"][i] if "up_bias" in mlp else zeros(f)
+            out[pre + "mlp.c_fc.bias"] = mlp["up_bias"][i] if "up_bias" in mlp else np.zeros(f)
             out[pre + "mlp.c_proj.weight"] = mlp["down"][i]
-            out[pre + "mlp.c_proj.bias"] = mlp["down_bias"][i] if "down_bias" in mlp else zeros(d)
+            out[pre + "mlp.c_proj.bias"] = mlp["down_bias"][i] if "down_bias" in mlp else np.zeros(d)
     else:
         out["model.embed_tokens.weight"] = p["embed"]
         out["model.norm.weight"] = p["final_norm"]["scale"]
