@@ -10,6 +10,14 @@ SUBCOMMANDS = {
     "pretrain": ("train.pretrain", "main", "pretrain a model from a YAML config"),
     "prepare": ("data.prepare", "main", "tokenize text into ArrayRecord shards for training"),
     "tokenizer": ("data.prepare", "tokenizer_main", "train a SentencePiece tokenizer on text"),
+    "evaluate": (
+        "train.evaluate",
+        "main",
+        "loss, perplexity, bits per byte and multiple-choice accuracy of a checkpoint",
+    ),
+    "generate": ("train.generate", "main", "sample text from a checkpoint (KV-cache decoding)"),
+    "export": ("tools.hf_export", "main", "write a checkpoint as a Hugging Face model directory or safetensors"),
+    "import-hf": ("tools.hf_import", "main", "turn a Hugging Face GPT-2/Llama directory into a run directory"),
     "launch": ("sharding.launch", "main", "run a command as N JAX processes on this machine"),
     "config-reference": (
         "train.cli",
