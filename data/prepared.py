@@ -156,6 +156,12 @@ def host_documents(
     return ds[process_index::process_count]
 
 
+def read_split_documents(dataset_dir: str | os.PathLike, split: str) -> list[np.ndarray]:
+    """Every document of a split in stored order, as token-id arrays (for evaluation)."""
+    documents = host_documents(dataset_dir, split, seed=None, repeat=False)
+    return decode_group([documents[i] for i in range(len(documents))])
+
+
 class _BatchedArrayRecordSource(grain.sources.ArrayRecordDataSource):
     """ArrayRecord source that Grain reads in batches.
 

@@ -44,6 +44,15 @@ def test_pretrain_on_prepared_shards(tmp_path, dataset):
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 2 and val[1] < val[0] - 0.3, val
 
+    # evaluate reads the same held-out documents through --dataset and through the run's --val.
+    result = run_cli(["evaluate", str(run_dir), "--dataset", str(dataset), "--val"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "eval" / "step_30.json").read_text())["results"]
+    by_dataset, by_val = report[f"dataset:{dataset.name}"], report["val"]
+    assert by_dataset == by_val
+    assert by_dataset["tokens"] == meta["splits"]["val"]["tokens"] - 1
+    assert 0 < by_dataset["loss"] < 5.77  # below a uniform guess over 320 ids
+
 
 def test_tokenizer_mismatch_is_refused(tmp_path, dataset):
     other = tmp_path / "other_tokenizer"

@@ -74,7 +74,7 @@ def _split_rows(cfg: Config) -> dict[str, int]:
 def _text_data(cfg: Config, run_dir: Path, paths: list[str]) -> RunData:
     corpus = read_corpus(resolve_text_paths(paths))
     if cfg.data.max_bytes:
-        corpus.documents = _truncate(corpus.documents, cfg.data.max_bytes)
+        corpus.documents = truncate_documents(corpus.documents, cfg.data.max_bytes)
     tokenizer = existing_tokenizer(cfg, run_dir) or train_tokenizer(cfg, corpus.documents)
     tokens = tokenize_corpus(corpus, tokenizer)
     train_tokens, val_tokens = split_tokens(
@@ -115,7 +115,8 @@ def _prepared_data(cfg: Config, run_dir: Path, paths: list[str]) -> RunData:
     return RunData(tokenizer, train_iter, eval_batches, description)
 
 
-def _truncate(documents: list[str], max_chars: int) -> list[str]:
+def truncate_documents(documents: list[str], max_chars: int) -> list[str]:
+    """The first `max_chars` characters of the corpus (data.max_bytes)."""
     out, total = [], 0
     for doc in documents:
         if total >= max_chars:

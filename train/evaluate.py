@@ -292,6 +292,7 @@ def run_evaluate(
     step: int | None = None,
     texts: list[str] = (),
     val: bool = False,
+    datasets: list[str] = (),
     mc: list[str] = (),
     limit: int | None = None,
     batch_size: int = DEFAULT_BATCH,
@@ -303,8 +304,8 @@ def run_evaluate(
     from data.text import read_corpus, resolve_text_paths
     from train.run_dir import load_run
 
-    if not texts and not mc and not val:
-        raise ValueError("nothing to evaluate: give --text PATH, --val or --mc JSONL")
+    if not texts and not mc and not val and not datasets:
+        raise ValueError("nothing to evaluate: give --text PATH, --dataset DIR, --val or --mc JSONL")
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit: expected a positive count, got {limit}")
     mc_rows = {path: read_mc_jsonl(path, limit) for path in mc}  # bad rows fail before the model loads
@@ -323,6 +324,10 @@ def run_evaluate(
         except ValueError as e:
             raise ValueError(f"--text {spec}: {e}") from None
         results[f"text:{Path(spec).name}"] = lm_metrics(scorer, tokens, window, nbytes)
+    for dataset_dir in datasets:
+        tokens = np.concatenate(prepared_tokens(dataset_dir, run.tokenizer))
+        nbytes = len(run.tokenizer.decode(tokens[1:].tolist()).encode("utf-8"))
+        results[f"dataset:{Path(dataset_dir).name}"] = lm_metrics(scorer, tokens, window, nbytes)
     if val:
         tokens, nbytes = _validation_split(run)
         results["val"] = lm_metrics(scorer, tokens, window, nbytes)
@@ -339,21 +344,38 @@ def run_evaluate(
 
 
 def _validation_split(run) -> tuple[np.ndarray, int]:
-    """The run's own held-out tokens: the last data.val_fraction of data.path, as in training."""
+    """The run's own held-out tokens, as in training: the validation split of its prepared
+    datasets, or the last data.val_fraction of its text."""
     from data.pipeline import split_tokens, tokenize_corpus
     from data.text import read_corpus, resolve_text_paths
+    from train.data_source import data_paths, is_prepared, truncate_documents
 
     cfg = run.cfg
+    paths = data_paths(cfg)
+    if is_prepared(paths):
+        tokens = np.concatenate([np.concatenate(prepared_tokens(p, run.tokenizer)) for p in paths])
+        return tokens, len(run.tokenizer.decode(tokens[1:].tolist()).encode("utf-8"))
     try:
-        corpus = read_corpus(resolve_text_paths([p for p in cfg.data.path.split(",") if p]))
+        corpus = read_corpus(resolve_text_paths(paths))
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--val: cannot read the run's data.path ({e}); give the held-out text with --text") from None
     if cfg.data.max_bytes:
-        from train.loop import _truncate
-
-        corpus.documents = _truncate(corpus.documents, cfg.data.max_bytes)
+        corpus.documents = truncate_documents(corpus.documents, cfg.data.max_bytes)
     _, val = split_tokens(tokenize_corpus(corpus, run.tokenizer), cfg.data.val_fraction)
     return val, len(run.tokenizer.decode(val[1:].tolist()).encode("utf-8"))
+
+
+def prepared_tokens(dataset_dir: str, tokenizer) -> list[np.ndarray]:
+    """The validation documents of a prepared dataset, refusing one made with another tokenizer."""
+    from data.prepared import load_dataset_metadata, read_split_documents
+
+    meta = load_dataset_metadata(dataset_dir)
+    expected = meta["tokenizer"]["fingerprint"]
+    if expected != tokenizer.fingerprint():
+        raise ValueError(
+            f"{dataset_dir}: tokenized with tokenizer {expected}, but the run's tokenizer is {tokenizer.fingerprint()}"
+        )
+    return read_split_documents(dataset_dir, "val")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--text", action="append", default=[], help="text file, directory or glob (repeatable)")
     parser.add_argument("--val", action="store_true", help="the run's own validation split of data.path")
+    parser.add_argument(
+        "--dataset", action="append", default=[], help="prepared dataset directory: its validation split (repeatable)"
+    )
     parser.add_argument("--mc", action="append", default=[], help='JSONL of {"query", "choices", "gold"}')
     parser.add_argument("--limit", type=int, default=None, help="first N multiple-choice questions only")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="rows per batch (global)")
@@ -379,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             step=args.step,
             texts=args.text,
             val=args.val,
+            datasets=args.dataset,
             mc=args.mc,
             limit=args.limit,
             batch_size=args.batch_size,
