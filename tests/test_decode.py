@@ -29,7 +29,7 @@ def random_model(family: str, n_kv_head: int = 0, vocab: int = 40):
     )
     graphdef, abstract = abstract_model(cfg)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), abstract.to_pure_dict())
+    params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), nnx.to_pure_dict(abstract))
     return graphdef, params
 
 

@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory):
     m = _model_cfg(64)
     _, abstract = abstract_model(m)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), abstract.to_pure_dict())
+    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), nnx.to_pure_dict(abstract))
     path = tmp_path_factory.mktemp("eval") / "run"
     cfg = Config(run_dir=str(path), model=m, tokenizer=TokenizerConfig(kind="char"))
     return write_params_run(path, cfg, tok, params, step=5)

@@ -55,7 +55,7 @@ def _random_params(cfg: ModelConfig, seed: int) -> dict:
         base = 1.0 if "scale" in name else 0.0
         return (base + rng.normal(0, 0.15, s.shape)).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(fill, abstract.to_pure_dict())
+    return jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract))
 
 
 def _ours_logits(run, ids: list[int]) -> np.ndarray:

@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 
 def _random_run(family: str, d_model: int, layers: int, max_len: int, vocab: int):
@@ -36,7 +37,9 @@ def _random_run(family: str, d_model: int, layers: int, max_len: int, vocab: int
     )
     graphdef, abstract = abstract_model(cfg)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jax.numpy.asarray(rng.normal(0, 0.05, s.shape), s.dtype), abstract.to_pure_dict())
+    params = jax.tree.map(
+        lambda s: jax.numpy.asarray(rng.normal(0, 0.05, s.shape), s.dtype), nnx.to_pure_dict(abstract)
+    )
     return cfg, graphdef, params
 
 

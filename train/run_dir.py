@@ -146,7 +146,7 @@ def restore_params(
     mesh = mesh if mesh is not None else default_mesh(cfg)
     _, abstract = abstract_model(cfg.model)
     shardings = param_shardings(abstract, mesh, make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides))
-    shapes = abstract.to_pure_dict()
+    shapes = nnx.to_pure_dict(abstract)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return _restore_params(run_dir, step, target), step
 
