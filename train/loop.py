@@ -29,7 +29,7 @@ from model.axes import activation_sharding
 from model.transformer import count_params
 from sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
 from sharding.rules import activation_resolver, make_rules
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, make_run_info
 from train.config import Config, ConfigError, check_against_devices, save_config, to_dict
 from train.flops import flops_per_token, peak_flops_per_device
 from train.metrics import MetricsWriter, Progress, format_duration
@@ -206,6 +206,7 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
             n_nonembed,
             micro_rows,
             tx,
+            make_run_info(to_dict(cfg), data.tokenizer),
         )
 
 
@@ -221,17 +222,24 @@ def _train(
     n_nonembed,
     micro_rows,
     tx,
+    run_info,
 ) -> dict[str, Any]:
     is_main = jax.process_index() == 0
-    checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
-    start = checkpointer.latest_step()
-    if start is None:
+    checkpointer = Checkpointer(
+        run_dir,
+        keep=cfg.checkpoint.keep,
+        keep_every=cfg.checkpoint.keep_every,
+        async_save=cfg.checkpoint.async_save,
+        run_info=run_info,
+    )
+    restored = checkpointer.restore_latest(layout)
+    if restored is None:
         state = init_state(cfg.model, tx, layout, cfg.seed)
         start = 0
     else:
-        state, data_state = checkpointer.restore(start, layout)
-        if data_state is not None:
-            train_iter.set_state(data_state)
+        state, start = restored.state, restored.step
+        if restored.data_state is not None:
+            train_iter.set_state(restored.data_state)
         log(f"resumed from {checkpointer.directory / str(start)}")
 
     writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard)
