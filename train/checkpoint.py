@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from train.faults import EXIT_CHECKPOINT_WRITE
 from train.state import StateLayout, TrainState
 
 CHECKPOINTS = "checkpoints"
@@ -60,6 +61,8 @@ class CheckpointError(ValueError):
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (disk full, run directory not writable); earlier ones are intact."""
+
+    exit_code = EXIT_CHECKPOINT_WRITE
 
 
 def warn(message: str) -> None:
