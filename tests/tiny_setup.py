@@ -13,7 +13,7 @@ from sharding.mesh import batch_sharding, build_mesh, put_batch
 from sharding.rules import activation_resolver, make_rules
 from train.config import ModelConfig, OptimConfig
 from train.optimizer import make_optimizer
-from train.state import StateLayout, init_state, make_layout
+from train.state import StateLayout, make_layout
 from train.step import compile_train_step, make_train_step
 
 MODEL = ModelConfig(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=8, vocab_size=64)
@@ -29,7 +29,20 @@ class Tiny:
     tx: Any
 
     def init(self, seed: int = 0):
-        return init_state(MODEL, self.tx, self.layout, seed)
+        """A fresh state like train.state.init_state's, made eagerly: no compilation of the
+        model's initializers (slow on a busy 2-core machine), the same tree and shardings."""
+        rng = np.random.default_rng(seed)
+        params = jax.tree.map(
+            lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), self.layout.shapes["params"]
+        )
+        state = {
+            "params": params,
+            "opt_state": self.tx.init(params),
+            "step": np.zeros((), np.int32),
+            "rng": jax.random.PRNGKey(seed),
+            "skipped_steps": np.zeros((), np.int32),
+        }
+        return jax.device_put(state, self.layout.shardings)
 
     def put(self, batch: dict[str, np.ndarray]):
         return put_batch(batch, self.batch_sharding)
