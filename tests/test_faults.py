@@ -93,11 +93,11 @@ def test_nonfinite_watch_policies():
     rows += [(2, {"loss": float("nan"), "grad_norm": float("nan"), "skipped_steps": 1.0})]
     rows += [(3, {"loss": 1.5, "grad_norm": 1.0, "skipped_steps": 1.0})]
     skip = NonFiniteWatch("skip", skipped_at_start=0)
-    assert "step 2 " in skip.check(rows, last_checkpoint=None)
-    assert skip.check(rows, last_checkpoint=None) is None  # each skipped step is reported once
-    with pytest.raises(NonFiniteStop, match="at step 2 .*train.nonfinite=stop.*last checkpoint is step 1"):
-        NonFiniteWatch("stop", skipped_at_start=0).check(rows, last_checkpoint=1)
-    assert NonFiniteWatch("stop", skipped_at_start=1).check(rows[2:], last_checkpoint=1) is None
+    assert "step 2 " in skip.check(rows, last_checkpoint=lambda: None)
+    assert skip.check(rows, last_checkpoint=lambda: None) is None  # each skipped step is reported once
+    with pytest.raises(NonFiniteStop, match="at step 2 .*train.nonfinite=stop.*last checkpoint, step 1, was written"):
+        NonFiniteWatch("stop", skipped_at_start=0).check(rows, last_checkpoint=lambda: 1)
+    assert NonFiniteWatch("stop", skipped_at_start=1).check(rows[2:], last_checkpoint=lambda: 1) is None
 
 
 def test_nonfinite_step_changes_nothing_but_the_counters():

@@ -33,13 +33,13 @@ def pretrain_command(config: str, overrides: list[str], run_dir: Path) -> list[s
     return [sys.executable, "-m", "train.pretrain", config, *overrides, f"run_dir={run_dir}"]
 
 
-def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Starts a run in the repository root with its output going to log_path."""
+def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """Starts a run in the repository root with its output appended to log_path."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, **popen)
 
 
 def last_metric_step(run_dir: Path) -> int:

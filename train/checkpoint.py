@@ -345,6 +345,11 @@ class Checkpointer:
             f"writing checkpoint step {step} to {self.directory} failed ({type(error).__name__}: {error}); {keeps}"
         )
 
+    def committed_step(self) -> int | None:
+        """The newest step this run committed (or resumed from), once any save in flight is done."""
+        self._finish_pending()
+        return self.last_committed
+
     def wait(self) -> None:
         """Blocks until the last save is committed (raises CheckpointWriteError if it failed)."""
         self._finish_pending()

@@ -196,7 +196,9 @@ class NonFiniteWatch:
             raise ValueError(f"train.nonfinite: expected 'skip' or 'stop', got {policy!r}")
         self.policy, self.skipped = policy, skipped_at_start
 
-    def check(self, rows: list[tuple[int, dict[str, float]]], last_checkpoint: int | None) -> str | None:
+    def check(self, rows: list[tuple[int, dict[str, float]]], last_checkpoint: Callable[[], int | None]) -> str | None:
+        """rows: (step, metrics) in step order. last_checkpoint: the newest committed step (called,
+        and so waited for, only when stopping)."""
         bad = []
         for step, m in rows:
             total = int(m["skipped_steps"])
@@ -209,6 +211,10 @@ class NonFiniteWatch:
         steps = ", ".join(str(s) for s, _ in bad[:10]) + (" ..." if len(bad) > 10 else "")
         what = f"non-finite loss or gradients at step {steps} (loss {m['loss']}, grad_norm {m['grad_norm']})"
         if self.policy == "stop":
-            kept = f"the last checkpoint is step {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-            raise NonFiniteStop(f"{what}; train.nonfinite=stop: stopping ({kept}, and is finite)")
+            last = last_checkpoint()
+            kept = f"the last checkpoint, step {last}, was written before it" if last else "no checkpoint was written"
+            raise NonFiniteStop(
+                f"{what}; train.nonfinite=stop: stopping ({kept}); to go on, resume with a lower optim.lr "
+                f"or train.nonfinite=skip"
+            )
         return f"{what}: update skipped ({self.skipped} skipped in this run so far)"

@@ -274,7 +274,7 @@ def _train(
         """Fetches (waits for) the pending steps' metrics and applies train.nonfinite to them."""
         rows = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
         pending.clear()
-        warning = nonfinite.check(rows, checkpointer.last_committed)
+        warning = nonfinite.check(rows, last_checkpoint=checkpointer.committed_step)
         if warning:
             log(f"warning: {warning}")
         return rows
