@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from tiny_setup import MODEL, assert_bitwise_equal, random_state, tiny
 
 from data.tokenizer import CharTokenizer
@@ -28,6 +29,7 @@ from train.checkpoint import (
     restore_params,
     steps_to_delete,
     tokenizer_from_run_info,
+    write_commit,
 )
 from train.config import Config, to_dict
 
@@ -171,6 +173,17 @@ def test_no_usable_checkpoint_is_an_error_but_unfinished_saves_are_invisible(tmp
     ck.remove_partial_saves()
     assert ck.restore_latest(t.layout) is None  # a fresh start
     assert list((other / "checkpoints").iterdir()) == []
+
+
+def test_data_state_of_another_process_count_is_a_clear_error(tmp_path, sharded):
+    t, states = sharded
+    save_steps(tmp_path, t, states[:1])
+    step_dir = tmp_path / "checkpoints" / "1"
+    (step_dir / "data" / "process_0-of-1.json").rename(step_dir / "data" / "process_0-of-2.json")
+    write_commit(epath.Path(step_dir), 1)
+    with pytest.raises(CheckpointError, match="data-iterator state of 2 processes, this run has 1"):
+        Checkpointer(tmp_path, keep=3).restore_latest(t.layout)
+    assert (tmp_path / "checkpoints" / "1").exists()  # a user error, not damage: nothing is moved
 
 
 def test_retention_keeps_newest_and_every_mth():

@@ -108,7 +108,7 @@ def write_commit(step_dir: epath.Path, step: int) -> None:
     record = {"step": step, "time": time.time(), "files": dict(sorted(_files(step_dir).items()))}
     tmp = step_dir / f".{COMMIT_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=0))
-    tmp.rename(step_dir / COMMIT_FILE)
+    tmp.replace(step_dir / COMMIT_FILE)
 
 
 def check_step(step_dir: epath.Path) -> str | None:
@@ -279,6 +279,7 @@ class Checkpointer:
         self._error: BaseException | None = None
         self._pending_step: int | None = None
         self.last_committed: int | None = None
+        self.committed_at = 0.0  # time.perf_counter() when the last save was committed
 
     # -- saving
 
@@ -319,6 +320,8 @@ class Checkpointer:
             self._writer.wait_until_finished()
             if jax.process_index() == 0:
                 write_commit(self.directory / str(step), step)
+            self.committed_at = time.perf_counter()
+            if jax.process_index() == 0:
                 self._apply_retention()
         except BaseException as e:  # noqa: BLE001 - surfaced in the main thread
             self._error = e
@@ -390,7 +393,9 @@ class Checkpointer:
         if restored is None and corrupt:
             listing = "; ".join(f"step {s}: {p}" for s, p in skipped)
             raise CheckpointError(
-                f"no usable checkpoint in {self.directory} ({listing}); move the directory away to start over"
+                f"no usable checkpoint in {self.directory} ({listing}). If they were written with another "
+                f"model or optimizer config, resume with that config; if they are damaged, move the directory "
+                f"away to start over"
             )
         self._set_aside([s for s, _ in skipped])
         return restored
