@@ -210,3 +210,26 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(work):
     assert step == 8
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_two_processes_stop_at_the_same_step(work):
+    """2 processes x 2 devices: SIGTERM goes through JAX's preemption sync point, SIGINT through
+    the all-gather every checkpoint.sync_every steps; both processes checkpoint the same step."""
+    run_dir = work / "two_processes"
+    pretrain = command(work, run_dir, "train.steps=400", "checkpoint.every=1000", "checkpoint.sync_every=4")
+    launch = [sys.executable, "-m", "sharding.launch", "--num-processes", "2", "--devices-per-process", "2"]
+    cmd = [*launch, "--grace-period", "300", "--", *pretrain]
+    stopped_at = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        log = work / f"two_processes_{sig.name}.log"
+        proc = start(cmd, log, env(work, 2))
+        target = (stopped_at[-1] if stopped_at else 0) + 6
+        assert signal_when(proc, lambda t=target: last_metric_step(run_dir) >= t, sig), "ended before the signal"
+        proc.wait(timeout=300)
+        text = log.read_text()
+        steps = {int(s) for s in re.findall(r"\[p[01]\] StopRequested: stopped at step (\d+)", text)}
+        assert len(re.findall(r"StopRequested", text)) == 2 and len(steps) == 1, text[-3000:]
+        stopped_at.append(steps.pop())
+        assert is_committed(run_dir, stopped_at[-1])
+    assert re.search(rf"resumed from .*/checkpoints/{stopped_at[0]}\b", log.read_text())
+    assert stopped_at[1] % 4 == 0 and stopped_at[1] > stopped_at[0]
