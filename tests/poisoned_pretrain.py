@@ -38,10 +38,19 @@ class PoisonedIterator:
         self.step = state["step"]
 
 
+TRAIN_ITER_ARG = 5  # position of train_iter in train.loop._train(cfg, run_dir, layout, train_step, eval_step, ...)
+
+
 def main() -> int:
     steps = {int(s) for s in sys.argv[1].split(",")}
-    make = train.loop.make_train_iterator
-    train.loop.make_train_iterator = lambda *a, **k: PoisonedIterator(make(*a, **k), steps)
+    train_fn = train.loop._train
+
+    def poisoned_train(*args, **kwargs):
+        args = list(args)
+        args[TRAIN_ITER_ARG] = PoisonedIterator(args[TRAIN_ITER_ARG], steps)
+        return train_fn(*args, **kwargs)
+
+    train.loop._train = poisoned_train
     return train.pretrain.main(sys.argv[2:])
 
 

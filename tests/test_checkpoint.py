@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
-from tiny_setup import MODEL, assert_bitwise_equal, random_state, tiny
 
 from data.tokenizer import CharTokenizer
 from sharding.mesh import build_mesh
+from tests.tiny_setup import MODEL, assert_bitwise_equal, random_state, tiny
 from train.checkpoint import (
     COMMIT_FILE,
     UNUSABLE,

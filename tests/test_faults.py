@@ -8,8 +8,8 @@ import signal
 import jax
 import numpy as np
 import pytest
-from tiny_setup import assert_bitwise_equal, batch, host, tiny
 
+from tests.tiny_setup import assert_bitwise_equal, batch, host, tiny
 from train.checkpoint import CheckpointWriteError
 from train.cli import run_guarded
 from train.faults import (

@@ -398,6 +398,7 @@ class Checkpointer:
                 f"away to start over"
             )
         self._set_aside([s for s, _ in skipped])
+        self.last_committed = restored.step if restored is not None else None
         return restored
 
     def _set_aside(self, steps: list[int]) -> None:

@@ -242,7 +242,6 @@ def _train(
         state, start = restored.state, restored.step
         if restored.data_state is not None:
             train_iter.set_state(restored.data_state)
-        checkpointer.last_committed = start
         log(f"resumed from {checkpointer.directory / str(start)}")
 
     writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, resume_step=start)
@@ -314,7 +313,7 @@ def _train(
                     control.saved()
                     writer.write(step, {"checkpoint_blocked_s": blocked})
                     if decision.reason:
-                        log(f"step {step:>6}/{cfg.train.steps} | checkpoint written ({decision.reason})")
+                        log(f"step {step:>6}/{cfg.train.steps} | checkpoint ({decision.reason})")
                     interval_start += blocked  # reported on its own, not as step time
                 if decision.stop and step < cfg.train.steps:
                     raise StopRequested(

@@ -92,7 +92,7 @@ def make_train_step(
             )
 
         loss = ce_sum / total_weight
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         # A non-finite loss or gradient must never reach the parameters: keep the old params and
         # optimizer state with a select (no branch, no host sync); the loop applies train.nonfinite.
