@@ -1,6 +1,7 @@
 """`python tests/poisoned_pretrain.py 5,6 CONFIG [key=value ...]`: `flaxpod pretrain` whose training
 batches carry a loss mask, NaN in one token of the batches of the listed (1-based) steps: a
-non-finite loss and gradients exactly there, without a test hook in the library."""
+non-finite loss and gradients exactly there, without a test hook in the library. `none` poisons
+nothing (the same program, for runs that share its compilation)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ TRAIN_ITER_ARG = 5  # position of train_iter in train.loop._train(cfg, run_dir, 
 
 
 def main() -> int:
-    steps = {int(s) for s in sys.argv[1].split(",")}
+    steps = set() if sys.argv[1] == "none" else {int(s) for s in sys.argv[1].split(",")}
     train_fn = train.loop._train
 
     def poisoned_train(*args, **kwargs):

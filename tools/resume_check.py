@@ -61,24 +61,24 @@ def is_committed(run_dir: Path, step: int) -> bool:
     return (run_dir / CHECKPOINTS / str(step) / COMMIT_FILE).exists()
 
 
-def signal_when(
-    proc: subprocess.Popen,
-    ready,
-    sig: int,
-    *,
-    timeout: float = 600.0,
-    poll: float = 0.005,
-) -> bool:
-    """Sends `sig` to proc as soon as ready() holds; False if proc ended (or timed out) first."""
+def wait_until(proc: subprocess.Popen, ready, *, timeout: float = 600.0, poll: float = 0.005) -> bool:
+    """Polls until ready() holds (True) or proc ends or the timeout passes (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
         if ready():
-            proc.send_signal(sig)
             return True
         time.sleep(poll)
     return False
+
+
+def signal_when(proc: subprocess.Popen, ready, sig: int, *, timeout: float = 600.0) -> bool:
+    """Sends `sig` to proc as soon as ready() holds; False if proc ended (or timed out) first."""
+    if not wait_until(proc, ready, timeout=timeout):
+        return False
+    proc.send_signal(sig)
+    return True
 
 
 def metric_rows(run_dir: Path) -> dict[tuple[int, str], float]:
