@@ -327,7 +327,10 @@ class Checkpointer:
             self._error = e
 
     def _apply_retention(self) -> None:
-        for old in steps_to_delete(committed_steps(self.run_dir), self.keep, self.keep_every):
+        # Only the commit file is looked at: stat-ing every file of every step would cost many
+        # requests per save on cloud storage; damaged steps are found when a run resumes.
+        committed = [s for s, d in step_dirs(self.directory).items() if (d / COMMIT_FILE).exists()]
+        for old in steps_to_delete(committed, self.keep, self.keep_every):
             shutil.rmtree(self.directory / str(old), ignore_errors=True)
 
     def _finish_pending(self) -> None:
