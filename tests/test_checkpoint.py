@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
+from jax.sharding import SingleDeviceSharding
 
 from data.tokenizer import CharTokenizer
 from sharding.mesh import build_mesh
@@ -27,6 +28,7 @@ from train.checkpoint import (
     make_run_info,
     read_run_info,
     restore_params,
+    save_params,
     steps_to_delete,
     tokenizer_from_run_info,
     write_commit,
@@ -173,6 +175,24 @@ def test_no_usable_checkpoint_is_an_error_but_unfinished_saves_are_invisible(tmp
     ck.remove_partial_saves()
     assert ck.restore_latest(t.layout) is None  # a fresh start
     assert list((other / "checkpoints").iterdir()) == []
+
+
+def test_params_only_checkpoint(tmp_path, sharded):
+    """save_params (imported weights) writes a committed checkpoint without optimizer state:
+    restore_params reads it onto an abstract target, training refuses to resume from it."""
+    t, states = sharded
+    params = jax.device_put(states[0]["params"], t.layout.param_shardings)
+    save_params(tmp_path, 5, params, RUN_INFO)
+    assert committed_steps(tmp_path) == [5]
+    one = SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), t.layout.shapes["params"])
+    restored, step = restore_params(tmp_path, target=target)
+    assert step == 5 and restored["embed"].sharding == one
+    assert_bitwise_equal(restored, states[0]["params"])
+    with pytest.raises(CheckpointError, match="step 5 already exists"):
+        save_params(tmp_path, 5, params)
+    with pytest.raises(CheckpointError, match="holds parameters only"):
+        Checkpointer(tmp_path, keep=3).restore_latest(t.layout)
 
 
 def test_data_state_of_another_process_count_is_a_clear_error(tmp_path, sharded):

@@ -14,6 +14,8 @@ was cut short), and one whose files do not match their recorded sizes, or that f
 is skipped with a warning naming the step: resuming uses the newest usable one. Asking for a step
 explicitly never falls back: an unusable step is an error.
 
+A params-only checkpoint (`save_params`: imported weights) has just `params/` and `run/`.
+
 Retention is ours, not Orbax's, so that only committed checkpoints count: the newest `keep`
 plus, permanently, every step that is a multiple of `keep_every`.
 
@@ -51,7 +53,7 @@ CHECKPOINTS = "checkpoints"
 UNUSABLE = "checkpoints_unusable"  # where unusable steps are moved, next to CHECKPOINTS
 COMMIT_FILE = "flaxpod_commit.json"
 PARAMS, TRAIN_STATE, DATA, RUN = "params", "train_state", "data", "run"
-REQUIRED_ITEMS = (PARAMS, TRAIN_STATE, RUN)
+REQUIRED_ITEMS = (PARAMS,)  # params-only checkpoints (save_params) have no train_state
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
@@ -120,7 +122,8 @@ def check_step(step_dir: epath.Path) -> str | None:
         files = json.loads(commit.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
         return f"unreadable {COMMIT_FILE} ({e})"
-    for item in REQUIRED_ITEMS:
+    items = set(REQUIRED_ITEMS) | {name.split("/")[0] for name in files if "/" in name}
+    for item in sorted(items):
         if not (step_dir / item).exists():
             return f"item '{item}' is missing"
     for name, size in files.items():
@@ -227,6 +230,11 @@ class Restored:
 
 def _restore(step_dir: epath.Path, layout: StateLayout) -> Restored:
     """Reads one step onto the layout's shardings (any mesh)."""
+    if not (step_dir / TRAIN_STATE).exists():
+        raise CheckpointError(
+            f"{step_dir}: holds parameters only (no optimizer state) and cannot be resumed; train in a new "
+            f"run_dir (to start from these weights, finetune from them)"
+        )
     saved_processes = _data_process_count(step_dir)
     if saved_processes is not None and saved_processes != jax.process_count():
         raise CheckpointError(
@@ -469,10 +477,20 @@ def tokenizer_from_run_info(run_info: dict[str, Any]):
         return load_tokenizer(tmp)
 
 
-def _param_target(run_info: dict[str, Any], target: StateLayout | Mesh | None) -> Any:
-    """Abstract params with shardings: the layout's, the config's rules on a mesh, or one device."""
+def _param_target(run_info: dict[str, Any], target: Any) -> Any:
+    """Abstract params with shardings: the layout's, the config's rules on a mesh, one device, or
+    `target` itself when it already is a tree of jax.ShapeDtypeStruct."""
     if isinstance(target, StateLayout):
         return _abstract(target.shapes[PARAMS], target.param_shardings)
+    if _is_abstract_tree(target):
+        return target
+    if target is not None and not isinstance(target, Mesh):
+        raise TypeError(
+            f"restore_params: target must be a StateLayout, a Mesh, a tree of jax.ShapeDtypeStruct or None, "
+            f"got {type(target).__name__}"
+        )
+    from flax import nnx
+
     from sharding.mesh import param_shardings
     from sharding.rules import make_rules
     from train.config import config_from_dict
@@ -480,21 +498,19 @@ def _param_target(run_info: dict[str, Any], target: StateLayout | Mesh | None) -
 
     cfg = config_from_dict(run_info["config"])
     _, abstract = abstract_model(cfg.model)
-    shapes = abstract.to_pure_dict()
+    shapes = nnx.to_pure_dict(abstract)
     if isinstance(target, Mesh):
         shardings = param_shardings(abstract, target, make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides))
-    elif target is None:
+    else:
         device = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, shapes)
-    else:
-        raise TypeError(f"restore_params: target must be a StateLayout, a Mesh or None, got {type(target).__name__}")
     return _abstract(shapes, shardings)
 
 
 def restore_params(
     run_dir: str | Path,
     step: int | None = None,
-    target: StateLayout | Mesh | None = None,
+    target: StateLayout | Mesh | Any | None = None,
 ) -> tuple[dict, int]:
     """Reads only the parameters of a checkpoint (no optimizer state): for evaluation, export
     and finetuning. Returns (params as a pure dict, step).
@@ -503,16 +519,47 @@ def restore_params(
         newest usable checkpoint (newer unusable ones are skipped with a warning); an explicit
         step that is missing or unusable raises CheckpointError (a ValueError).
     target: where the arrays go. A StateLayout: its parameter shardings. A Mesh: the shardings
-        the checkpoint's own config (mesh.rules, mesh.rule_overrides) gives on that mesh.
-        None: every array whole on the first device. Any mesh or device count works: the
-        arrays are resharded as they are read.
+        the checkpoint's own config (mesh.rules, mesh.rule_overrides) gives on that mesh. A tree
+        of jax.ShapeDtypeStruct with shardings: exactly those. None: every array whole on the first
+        device. Any mesh or device count works: the arrays are resharded as they are read.
     """
     step, step_dir = find_checkpoint(run_dir, step)
     with _reader() as reader:
-        run_info = reader.restore(step_dir, args=ocp.args.Composite(**{RUN: ocp.args.JsonRestore()}))[RUN]
+        run_info = {}
+        if (step_dir / RUN).exists():
+            run_info = reader.restore(step_dir, args=ocp.args.Composite(**{RUN: ocp.args.JsonRestore()}))[RUN]
+        if "config" not in run_info and not isinstance(target, StateLayout) and not _is_abstract_tree(target):
+            raise CheckpointError(f"{step_dir}: has no run item (config); pass a StateLayout or abstract target")
         abstract = _param_target(run_info, target)
         out = reader.restore(step_dir, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract)}))
     return out[PARAMS], step
+
+
+def _is_abstract_tree(target: Any) -> bool:
+    leaves = jax.tree.leaves(target) if target is not None and not isinstance(target, Mesh) else []
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def save_params(run_dir: str | Path, step: int, params: dict, run_info: dict[str, Any] | None = None) -> Path:
+    """Writes a committed params-only checkpoint RUN_DIR/checkpoints/<step> (no optimizer state):
+    for weights imported from elsewhere, which evaluation, generation, export and finetuning then
+    read like any checkpoint (`restore_params`). Training cannot resume from it. Returns its path."""
+    directory = checkpoints_dir(run_dir)
+    if step in step_dirs(directory):
+        raise CheckpointError(f"checkpoint step {step} already exists in {directory}")
+    directory.mkdir(parents=True, exist_ok=True)
+    args: dict[str, Any] = {PARAMS: ocp.args.StandardSave(params)}
+    if run_info is not None:
+        args[RUN] = ocp.args.JsonSave(run_info)
+    step_dir = directory / str(step)
+    writer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        writer.save(step_dir, args=ocp.args.Composite(**args))
+    finally:
+        writer.close()
+    if jax.process_index() == 0:
+        write_commit(step_dir, step)
+    return Path(str(step_dir))
 
 
 def params_bytes(params: Any) -> int:
