@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from sharding.launch import xla_flags_with_device_count
 from tools.resume_check import (
     compare_runs,
     is_committed,
@@ -62,14 +63,12 @@ def work(tmp_path_factory):
 
 
 def env(work: Path, devices: int) -> dict[str, str]:
+    """This process's environment (XLA flags, compilation cache) with `devices` CPU devices."""
     out = dict(os.environ)
-    out.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(work / "compile_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    out["XLA_FLAGS"] = xla_flags_with_device_count(out.get("XLA_FLAGS", ""), devices)
+    out["JAX_PLATFORMS"] = "cpu"
+    out.setdefault("JAX_COMPILATION_CACHE_DIR", str(work / "compile_cache"))
+    out.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     return out
 
 
