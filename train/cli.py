@@ -28,11 +28,21 @@ SUBCOMMANDS = {
 
 
 def run_guarded(job: Callable[[], object]) -> int:
-    """Runs a job; a user error (bad config, data or path) becomes one line and exit code 2."""
+    """Runs a job; a user error (bad config, data or path) becomes one line and exit code 2. A run
+    that ends early on purpose (train/faults.py: stop request, non-finite step, failed checkpoint
+    write) prints its message and exits with its own code."""
+    from train.checkpoint import CheckpointWriteError
     from train.config import ConfigError
+    from train.faults import RunInterrupted
 
     try:
         job()
+    except RunInterrupted as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return e.exit_code
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

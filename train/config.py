@@ -146,14 +146,26 @@ class TrainConfig:
     """Validation batches per evaluation."""
     grad_accum: int = 1
     """Micro-batches per step; the global batch is split into this many and gradients are averaged."""
+    nonfinite: str = "skip"
+    """A step whose loss or gradients are not finite never changes the parameters. `skip`: go on (counted in
+    the skipped_steps metric); `stop`: stop at the next log step with exit code 3, keeping the last checkpoint."""
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 100
     """Steps between checkpoints (one is always written at the end); 0 writes only the final one."""
+    every_minutes: float = 0.0
+    """Also write a checkpoint once this many minutes have passed since the last one; 0 disables."""
     keep: int = 3
-    """Most recent checkpoints to keep."""
+    """Most recent complete checkpoints to keep."""
+    keep_every: int = 0
+    """Also keep, permanently, every checkpoint whose step is a multiple of this; 0 keeps only the `keep` newest."""
+    async_save: bool = True
+    """Write checkpoints in the background while training goes on (stop and final checkpoints are waited for)."""
+    sync_every: int = 10
+    """Several processes: steps between their agreement on stop and save-now requests (a tiny all-gather);
+    one process checks every step at no cost."""
 
 
 @dataclass
@@ -195,6 +207,7 @@ CHOICES = {
     "tokenizer.model_type": ("bpe", "unigram"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
+    "train.nonfinite": ("skip", "stop"),
 }
 
 POSITIVE = (
@@ -208,6 +221,7 @@ POSITIVE = (
     "train.grad_accum",
     "train.eval_steps",
     "checkpoint.keep",
+    "checkpoint.sync_every",
     "tokenizer.vocab_size",
 )
 
@@ -237,6 +251,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.seq_len: {m.seq_len} exceeds the model's maximum model.max_seq_len={m.max_seq_len}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: expected a rate in [0, 1), got {m.dropout}")
+    for key in ("checkpoint.every", "checkpoint.every_minutes", "checkpoint.keep_every"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: expected a fraction in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.batch_size % cfg.train.grad_accum:
@@ -393,6 +410,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
+    return _build(Config, raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A Config from a nested dict (e.g. a checkpoint's saved config), checked like a YAML file."""
     return _build(Config, raw)
 
 

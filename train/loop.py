@@ -19,9 +19,10 @@ from model.axes import activation_sharding
 from model.transformer import count_params
 from sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
 from sharding.rules import activation_resolver, make_rules
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, make_run_info
 from train.config import Config, ConfigError, check_against_devices, save_config, to_dict
 from train.data_source import load_run_data
+from train.faults import NonFiniteWatch, RunControl, StopRequested
 from train.flops import flops_per_token, peak_flops_per_device
 from train.metrics import MetricsWriter, Progress, format_duration
 from train.optimizer import make_optimizer
@@ -122,6 +123,7 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
             b_sharding,
             n_nonembed,
             tx,
+            make_run_info(to_dict(cfg), data.tokenizer),
         )
 
 
@@ -136,20 +138,28 @@ def _train(
     b_sharding,
     n_nonembed,
     tx,
+    run_info,
 ) -> dict[str, Any]:
     is_main = jax.process_index() == 0
-    checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
-    start = checkpointer.latest_step()
-    if start is None:
+    checkpointer = Checkpointer(
+        run_dir,
+        keep=cfg.checkpoint.keep,
+        keep_every=cfg.checkpoint.keep_every,
+        async_save=cfg.checkpoint.async_save,
+        run_info=run_info,
+    )
+    checkpointer.remove_partial_saves()
+    restored = checkpointer.restore_latest(layout)
+    if restored is None:
         state = init_state(cfg.model, tx, layout, cfg.seed)
         start = 0
     else:
-        state, data_state = checkpointer.restore(start, layout)
-        if data_state is not None:
-            train_iter.set_state(data_state)
+        state, start = restored.state, restored.step
+        if restored.data_state is not None:
+            train_iter.set_state(restored.data_state)
         log(f"resumed from {checkpointer.directory / str(start)}")
 
-    writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard)
+    writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, resume_step=start)
     progress = Progress(cfg.train.steps, enabled=is_main)
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
     flops_tok = flops_per_token(cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len, n_nonembed)
@@ -164,38 +174,67 @@ def _train(
             total, count = total + float(s), count + float(c)
         return total / max(count, 1.0)
 
+    control = RunControl(
+        run_dir,
+        every=cfg.checkpoint.every,
+        every_minutes=cfg.checkpoint.every_minutes,
+        last_step=cfg.train.steps,
+        sync_every=cfg.checkpoint.sync_every,
+    )
+    nonfinite = NonFiniteWatch(cfg.train.nonfinite, skipped_at_start=int(state["skipped_steps"]))
+    pending: list[tuple[int, dict]] = []  # metrics of the steps not yet fetched from the device
+
+    def fetch_pending() -> list[tuple[int, dict]]:
+        """Fetches (waits for) the pending steps' metrics and applies train.nonfinite to them."""
+        rows = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+        pending.clear()
+        warning = nonfinite.check(rows, last_checkpoint=checkpointer.committed_step)
+        if warning:
+            log(f"warning: {warning}")
+        return rows
+
     final: dict[str, Any] = {}
-    pending: list[dict] = []
     interval_start, interval_steps = time.perf_counter(), 0
     step = start
     try:
-        while step < cfg.train.steps:
-            batch = put_batch(next(train_iter), b_sharding)
-            state, metrics = train_step(state, batch)
-            step += 1
-            pending.append(metrics)
-            interval_steps += 1
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                fetched = jax.device_get(pending[-1])  # waits for this interval's steps
-                elapsed = time.perf_counter() - interval_start
-                step_seconds = elapsed / interval_steps
-                row = {k: float(v) for k, v in fetched.items()}
-                row["tokens_per_sec"] = tokens_per_step / step_seconds
-                row["mfu"] = row["tokens_per_sec"] * flops_tok / (peak * jax.device_count())
-                row["step_time"] = step_seconds
-                writer.write(step, row)
-                progress.show(step, row, step_seconds)
-                final.update(row)
-                pending.clear()
-                interval_start, interval_steps = time.perf_counter(), 0
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
-                val_loss = evaluate()
-                writer.write(step, {"val_loss": val_loss})
-                log(f"step {step:>6}/{cfg.train.steps} | val_loss {val_loss:.4f}")
-                final["val_loss"] = val_loss
-                interval_start = time.perf_counter()  # evaluation time is not training time
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
-                checkpointer.save(step, state, train_iter.get_state())
+        with control:
+            while step < cfg.train.steps:
+                batch = put_batch(next(train_iter), b_sharding)
+                state, metrics = train_step(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                interval_steps += 1
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    row = fetch_pending()[-1][1]
+                    step_seconds = (time.perf_counter() - interval_start) / interval_steps
+                    row["tokens_per_sec"] = tokens_per_step / step_seconds
+                    row["mfu"] = row["tokens_per_sec"] * flops_tok / (peak * jax.device_count())
+                    row["step_time"] = step_seconds
+                    writer.write(step, row)
+                    progress.show(step, row, step_seconds)
+                    final.update(row)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
+                    val_loss = evaluate()
+                    writer.write(step, {"val_loss": val_loss})
+                    log(f"step {step:>6}/{cfg.train.steps} | val_loss {val_loss:.4f}")
+                    final["val_loss"] = val_loss
+                    interval_start = time.perf_counter()  # evaluation time is not training time
+                decision = control.decide(step)
+                if decision.save:
+                    fetch_pending()  # under train.nonfinite=stop, never checkpoint past a non-finite step
+                    final_or_stop = decision.stop or step == cfg.train.steps
+                    blocked = checkpointer.save(step, state, train_iter.get_state(), wait=final_or_stop)
+                    control.saved()
+                    writer.write(step, {"checkpoint_blocked_s": blocked})
+                    if decision.reason:
+                        log(f"step {step:>6}/{cfg.train.steps} | checkpoint ({decision.reason})")
+                    interval_start += blocked  # reported on its own, not as step time
+                if decision.stop and step < cfg.train.steps:
+                    raise StopRequested(
+                        f"stopped at step {step} ({decision.reason}); checkpoint {checkpointer.directory / str(step)} "
+                        f"written: run the same command again to resume"
+                    )
     finally:
         checkpointer.close()
         writer.close()

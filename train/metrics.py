@@ -15,17 +15,26 @@ from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool):
+    """Appends rows to metrics.jsonl (and TensorBoard). `resume_step`: the step the run continues
+    from; rows a killed run wrote after it are dropped, so a resumed run's metrics read as if it
+    had never stopped."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            drop_rows_after(path, resume_step)
+        self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
+            # purge_step hides the events a killed run wrote after the resumed step.
+            purge = resume_step + 1 if resume_step else None
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10, purge_step=purge)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -42,6 +51,21 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrites a metrics.jsonl without rows past `step` and without a line cut short by a kill."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def _plain(v: Any) -> Any:

@@ -14,19 +14,19 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 from sharding.mesh import build_mesh, param_shardings
 from sharding.rules import make_rules
-from train.config import Config, load_config, save_config
+from train import checkpoint
+from train.checkpoint import committed_steps
+from train.config import Config, load_config, save_config, to_dict
 from train.state import abstract_model
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
-STATE_ITEM = "state"
 
 
 @dataclass
@@ -56,22 +56,11 @@ def load_run_config(run_dir: str | Path) -> Config:
     return cfg
 
 
-def checkpoint_steps(run_dir: str | Path) -> list[int]:
-    """Steps of complete checkpoints, ascending. Orbax writes a step under a temporary name and
-    renames it when complete, so only integer-named directories with a state item count."""
-    directory = Path(run_dir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / STATE_ITEM).is_dir())
-
-
 def resolve_step(run_dir: str | Path, step: int | None) -> int:
-    """`step`, checked to exist, or the latest checkpoint's step."""
-    steps = checkpoint_steps(run_dir)
+    """`step`, checked to exist, or the latest complete checkpoint's step."""
+    steps = committed_steps(run_dir)
     if not steps:
-        raise FileNotFoundError(
-            f"{run_dir} has no checkpoints (expected {Path(run_dir) / CHECKPOINT_DIR}/<step>/state)"
-        )
+        raise FileNotFoundError(f"{run_dir} has no checkpoints (expected {Path(run_dir) / CHECKPOINT_DIR}/<step>/)")
     if step is None:
         return steps[-1]
     if step not in steps:
@@ -118,24 +107,6 @@ def single_device_mesh() -> Mesh:
     return build_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def _restore_params(run_dir: Path, step: int, target: dict) -> dict:
-    """The `params` subtree of checkpoints/<step>/state, restored onto `target`'s shardings.
-
-    Kept in one function so it can be swapped for train.checkpoint's params-only restore.
-    """
-    path = (run_dir / CHECKPOINT_DIR / str(step) / STATE_ITEM).absolute()
-    item = {"params": target}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        try:
-            restored = checkpointer.restore(
-                path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-            )
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{path}: its parameters do not match the model in config.yaml: {e}") from None
-    return restored["params"]
-
-
 def restore_params(
     run_dir: str | Path, cfg: Config, step: int | None = None, mesh: Mesh | None = None
 ) -> tuple[dict, int]:
@@ -148,7 +119,10 @@ def restore_params(
     shardings = param_shardings(abstract, mesh, make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides))
     shapes = nnx.to_pure_dict(abstract)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return _restore_params(run_dir, step, target), step
+    try:
+        return checkpoint.restore_params(run_dir, step, target)[0], step
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{run_dir} step {step}: its parameters do not match the model in config.yaml: {e}") from None
 
 
 def load_run(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedRun:
@@ -176,15 +150,13 @@ def write_params_run(run_dir: str | Path, cfg: Config, tokenizer: Tokenizer, par
     and checkpoints/<step>/state = {"params": ...}. Evaluation, generation and export read it
     like a training run's. Refuses to write into an existing run directory."""
     run_dir = Path(run_dir)
-    if (run_dir / CONFIG_FILE).exists() or checkpoint_steps(run_dir):
+    if (run_dir / CONFIG_FILE).exists() or committed_steps(run_dir):
         raise ValueError(f"{run_dir} already holds a run; choose a new output directory")
     check_tokenizer(tokenizer, cfg, "tokenizer")
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir / "tokenizer")
     device = NamedSharding(single_device_mesh(), PartitionSpec())
-    state = {"params": jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.float32), device), params)}
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-    with ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).absolute(), options=options) as manager:
-        manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}), force=True)
+    params = jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.float32), device), params)
+    checkpoint.save_params(run_dir, step, params, checkpoint.make_run_info(to_dict(cfg), tokenizer))
     save_config(cfg, run_dir / CONFIG_FILE)
     return run_dir

@@ -16,7 +16,8 @@ from sharding.mesh import param_shardings, tree_shardings_like
 from sharding.rules import Rules
 from train.config import ModelConfig
 
-# state = {"params": pure dict, "opt_state": optax state, "step": int32[], "rng": uint32[2]}
+# state = {"params": pure dict, "opt_state": optax state, "step": int32[], "rng": uint32[2],
+#          "skipped_steps": int32[] (steps whose non-finite update was not applied)}
 TrainState = dict[str, Any]
 
 
@@ -52,6 +53,7 @@ def make_layout(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, 
         "opt_state": tree_shardings_like(shapes["opt_state"], p_shardings, shapes["params"], mesh),
         "step": replicated,
         "rng": replicated,
+        "skipped_steps": replicated,
     }
     return StateLayout(graphdef, shapes, shardings, p_shardings)
 
@@ -63,6 +65,7 @@ def _fresh_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) 
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+        "skipped_steps": jnp.zeros((), jnp.int32),
     }
 
 

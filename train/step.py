@@ -37,6 +37,11 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
     return log_z - target_logit, log_z
 
 
+def keep_if(ok: jax.Array, new, old):
+    """`new` where the scalar `ok` holds, else `old`, leaf by leaf."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def make_train_step(
     layout: StateLayout,
     tx: optax.GradientTransformation,
@@ -86,18 +91,25 @@ def make_train_step(
                 body, (zeros, jnp.zeros((), jnp.float32)), (micro_batches, jnp.arange(grad_accum))
             )
 
+        loss = ce_sum / total_weight
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        # A non-finite loss or gradient must never reach the parameters: keep the old params and
+        # optimizer state with a select (no branch, no host sync); the loop applies train.nonfinite.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        skipped = state["skipped_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32)
         new_state = {
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
+            "params": keep_if(finite, optax.apply_updates(params, updates), params),
+            "opt_state": keep_if(finite, opt_state, state["opt_state"]),
             "step": state["step"] + 1,
             "rng": rng,
+            "skipped_steps": skipped,
         }
         metrics = {
-            "loss": ce_sum / total_weight,
+            "loss": loss,
             "grad_norm": grad_norm,
             "lr": schedule(state["step"]),
+            "skipped_steps": skipped,
         }
         return new_state, metrics
 

@@ -1,0 +1,59 @@
+"""`python tests/poisoned_pretrain.py 5,6 CONFIG [key=value ...]`: `flaxpod pretrain` whose training
+batches carry a loss mask, NaN in one token of the batches of the listed (1-based) steps: a
+non-finite loss and gradients exactly there, without a test hook in the library. `none` poisons
+nothing (the same program, for runs that share its compilation)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+import train.loop
+import train.pretrain
+
+
+class PoisonedIterator:
+    """Wraps a data iterator; its state is the wrapped state plus the step count (JSON-able)."""
+
+    def __init__(self, inner, poisoned_steps: set[int]):
+        self.inner, self.poisoned_steps, self.step = inner, poisoned_steps, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self.inner))
+        self.step += 1
+        mask = np.ones(batch["targets"].shape, np.float32)
+        if self.step in self.poisoned_steps:
+            mask[0, 0] = np.nan
+        batch["loss_mask"] = mask
+        return batch
+
+    def get_state(self) -> dict:
+        return {"inner": self.inner.get_state(), "step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.inner.set_state(state["inner"])
+        self.step = state["step"]
+
+
+TRAIN_ITER_ARG = 5  # position of train_iter in train.loop._train(cfg, run_dir, layout, train_step, eval_step, ...)
+
+
+def main() -> int:
+    steps = set() if sys.argv[1] == "none" else {int(s) for s in sys.argv[1].split(",")}
+    train_fn = train.loop._train
+
+    def poisoned_train(*args, **kwargs):
+        args = list(args)
+        args[TRAIN_ITER_ARG] = PoisonedIterator(args[TRAIN_ITER_ARG], steps)
+        return train_fn(*args, **kwargs)
+
+    train.loop._train = poisoned_train
+    return train.pretrain.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
