@@ -100,7 +100,8 @@ def _inputs_targets(windows: np.ndarray) -> Batch:
     }
 
 
-def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> int:
+def local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+    """This process's rows of a global batch, after checking the split is possible."""
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size: expected >= 1, got {global_batch_size}")
     if not 0 <= process_index < process_count:
@@ -127,7 +128,7 @@ def make_train_iterator(
     1 gives every offset (nanoGPT's random offsets, here drawn without replacement). The
     iterator is checkpointable: `it.get_state()` / `it.set_state(state)` resume exactly.
     """
-    local_batch = _check_processes(global_batch_size, process_index, process_count)
+    local_batch = local_batch_size(global_batch_size, process_index, process_count)
     source = WindowSource(tokens, seq_len, stride or seq_len)
     if len(source) >= 2**32:  # Grain's index shuffle works on 32-bit indices
         raise ValueError(f"data.stride: {len(source)} windows exceed 2**32; use a larger stride")
@@ -162,7 +163,7 @@ def make_eval_batches(
     Rows are non-overlapping windows spread evenly over the validation tokens, so even a
     few batches see the whole split; with fewer windows than rows they wrap around.
     """
-    _check_processes(global_batch_size, process_index, process_count)
+    local_batch_size(global_batch_size, process_index, process_count)
     if num_batches < 1:
         raise ValueError(f"eval num_batches: expected >= 1, got {num_batches}")
     source = WindowSource(tokens, seq_len, seq_len)

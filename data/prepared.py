@@ -36,6 +36,7 @@ from absl import flags
 from grain.experimental import WindowShuffleIterDataset
 
 from data.packing import PackedRowsIterDataset, decode_group
+from data.pipeline import local_batch_size
 
 Batch = dict[str, np.ndarray]
 FORMAT = "flaxpod-prepared-dataset"
@@ -102,19 +103,6 @@ def _check_tokenizers(
                 f"{path}: tokenizer sha256 {found} differs from {dataset_dirs[0]}'s {first}; "
                 "a mixture needs one tokenizer"
             )
-
-
-def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-    if global_batch_size < 1:
-        raise ValueError(f"global_batch_size: expected >= 1, got {global_batch_size}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size: {global_batch_size} is not divisible by the "
-            f"{process_count} processes"
-        )
-    return global_batch_size // process_count
 
 
 def split_shard_paths(dataset_dir: str | os.PathLike, meta: dict, split: str) -> list[str]:
@@ -277,7 +265,7 @@ def make_packed_train_dataset(
     """The endless training `IterDataset` behind `make_packed_train_iterator`."""
     if not dataset_dirs:
         raise ValueError("no datasets given")
-    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+    local_batch = local_batch_size(global_batch_size, process_index, process_count)
     metas = [load_dataset_metadata(d) for d in dataset_dirs]
     _check_tokenizers(dataset_dirs, metas, tokenizer_fingerprint)
     mix_weights = _normalized_weights(weights, len(dataset_dirs))
@@ -365,7 +353,7 @@ def make_packed_eval_batches(
     padded with empty rows (loss_mask 0); fewer than `num_batches` come back, the same
     number on every host, when the splits run out.
     """
-    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+    local_batch = local_batch_size(global_batch_size, process_index, process_count)
     if num_batches < 1:
         raise ValueError(f"num_batches: expected >= 1, got {num_batches}")
     parts, group_size = [], MAX_GROUP_SIZE
