@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from data.text import _decode, resolve_text_paths
+from flaxpod.data.text import _decode, resolve_text_paths
 
 
 def decode_text(data: bytes) -> tuple[str, int]:
@@ -184,20 +184,16 @@ class DocumentReader:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(
-                    f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}"
-                )
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
             if self.jsonl_field not in row:
                 keys = ", ".join(sorted(row)) or "none"
                 raise ValueError(
-                    f"{path}:{line_number}: no field {self.jsonl_field!r} "
-                    f"(keys: {keys}); choose it with --jsonl-field"
+                    f"{path}:{line_number}: no field {self.jsonl_field!r} (keys: {keys}); choose it with --jsonl-field"
                 )
             value = row[self.jsonl_field]
             if not isinstance(value, str):
                 raise ValueError(
-                    f"{path}:{line_number}: field {self.jsonl_field!r} must be a string, "
-                    f"got {type(value).__name__}"
+                    f"{path}:{line_number}: field {self.jsonl_field!r} must be a string, got {type(value).__name__}"
                 )
             text = value.replace("\r\n", "\n")
             self._count(text, b"\r\n" if "\r\n" in value else b"", replaced, path)

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import grain
 import numpy as np
-
-from data.shards import decode_record
+from flaxpod.data.shards import decode_record
 
 Row = dict[str, np.ndarray]
 
@@ -54,30 +53,33 @@ class _Group:
     def build(cls, parent_state: dict, documents: Sequence[np.ndarray], first_document: int):
         lengths = np.array([len(d) for d in documents], dtype=np.int64)
         pairs = np.maximum(lengths - 1, 0)
-        tokens = (np.concatenate(documents).astype(np.int32, copy=False) if len(documents)
-                  else np.zeros(0, np.int32))
+        tokens = np.concatenate(documents).astype(np.int32, copy=False) if len(documents) else np.zeros(0, np.int32)
         # A document with fewer than two tokens has no pair; it keeps its tokens in the
         # array, so token offsets are shifted by the tokens before it, not by its index.
         token_starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
         pair_starts = np.concatenate([[0], np.cumsum(pairs)])
-        return cls(parent_state, tokens, pair_starts, token_starts - pair_starts[:-1],
-                   first_document, int(pair_starts[-1]))
+        return cls(
+            parent_state, tokens, pair_starts, token_starts - pair_starts[:-1], first_document, int(pair_starts[-1])
+        )
 
     def take(self, start: int, stop: int) -> tuple[np.ndarray, ...]:
         """(inputs, targets, positions, document numbers) of pairs [start, stop)."""
         js = np.arange(start, stop)
         doc = np.searchsorted(self.pair_starts, js, side="right") - 1
         where = js + self.shift[doc]
-        return (self.tokens[where], self.tokens[where + 1],
-                (js - self.pair_starts[doc]).astype(np.int32), doc + self.first_document)
+        return (
+            self.tokens[where],
+            self.tokens[where + 1],
+            (js - self.pair_starts[doc]).astype(np.int32),
+            doc + self.first_document,
+        )
 
 
 def _assemble(pieces: list[tuple[np.ndarray, ...]], seq_len: int) -> Row:
     if len(pieces) == 1:
         inputs, targets, positions, documents = pieces[0]
     else:
-        inputs, targets, positions, documents = (np.concatenate(p) for p in zip(*pieces,
-                                                                                 strict=True))
+        inputs, targets, positions, documents = (np.concatenate(p) for p in zip(*pieces, strict=True))
     n = len(inputs)
     changes = documents[1:] != documents[:-1]
     segment_ids = np.ones(n, np.int32)
@@ -86,8 +88,7 @@ def _assemble(pieces: list[tuple[np.ndarray, ...]], seq_len: int) -> Row:
     # A document continued from the previous row restarts its positions here.
     first_end = int(np.argmax(changes)) + 1 if changes.any() else n
     positions[:first_end] -= positions[0]
-    row = {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
-           "positions": positions}
+    row = {"inputs": inputs, "targets": targets, "segment_ids": segment_ids, "positions": positions}
     if n < seq_len:  # only the last row of a finite stream
         row = {k: np.pad(v, (0, seq_len - n)) for k, v in row.items()}
     return row

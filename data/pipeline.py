@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import grain
 import numpy as np
-
-from data.text import Corpus
-from data.tokenizer import Tokenizer
+from flaxpod.data.text import Corpus
+from flaxpod.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
 

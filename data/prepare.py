@@ -37,18 +37,18 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from data.documents import (
+from flaxpod.data.documents import (
     MAX_EXAMPLES,
     DocumentReader,
     document_hash,
     hash_below,
     input_files,
 )
-from data.progress import Progress
-from data.shard_builder import SPLITS, STATE_DIR, ShardBuilder, TokenizerPool
-from data.shards import write_json
-from data.tokenizer import Tokenizer
-from data.tokenizer_training import (
+from flaxpod.data.progress import Progress
+from flaxpod.data.shard_builder import SPLITS, STATE_DIR, ShardBuilder, TokenizerPool
+from flaxpod.data.shards import write_json
+from flaxpod.data.tokenizer import Tokenizer
+from flaxpod.data.tokenizer_training import (
     DEFAULT_SAMPLE_BYTES,
     dataset_tokenizer,
     save_tokenizer,
@@ -82,8 +82,7 @@ def _check_out_dir(out: Path, inputs: Sequence[str], files: Sequence[Path]) -> N
     if out.is_dir() and any(out.iterdir()):
         if not ((out / "metadata.json").exists() or (out / STATE_DIR).is_dir()):
             raise ValueError(
-                f"--out {out}: directory is not empty and holds no prepared dataset; "
-                "choose a new or empty directory"
+                f"--out {out}: directory is not empty and holds no prepared dataset; choose a new or empty directory"
             )
     # An output inside an input directory would be read back as input by the next run.
     resolved_out = out.resolve()
@@ -145,9 +144,15 @@ def prepare_dataset(
 
     start = time.perf_counter()
     tok, tok_info = dataset_tokenizer(
-        tokenizer, files, out / TOKENIZER_DIR, out / STATE_DIR / "tokenizer.json",
-        vocab_size=vocab_size, model_type=model_type, jsonl_field=jsonl_field,
-        sample_bytes=tokenizer_sample_bytes, log=log,
+        tokenizer,
+        files,
+        out / TOKENIZER_DIR,
+        out / STATE_DIR / "tokenizer.json",
+        vocab_size=vocab_size,
+        model_type=model_type,
+        jsonl_field=jsonl_field,
+        sample_bytes=tokenizer_sample_bytes,
+        log=log,
     )
     tokenizer_seconds = time.perf_counter() - start
 
@@ -182,14 +187,25 @@ def prepare_dataset(
             f"lower --val-fraction (now {val_fraction})"
         )
     if command is None:
-        command = "prepare_dataset(" + ", ".join(
-            [repr([str(i) for i in inputs]), repr(str(out))]
-            + [f"{k}={v!r}" for k, v in (
-                ("tokenizer", None if isinstance(tokenizer, Tokenizer) else tokenizer),
-                ("vocab_size", vocab_size), ("model_type", model_type),
-                ("jsonl_field", jsonl_field), ("val_fraction", val_fraction),
-                ("shard_docs", shard_docs), ("shard_bytes", shard_bytes))]
-        ) + ")"
+        command = (
+            "prepare_dataset("
+            + ", ".join(
+                [repr([str(i) for i in inputs]), repr(str(out))]
+                + [
+                    f"{k}={v!r}"
+                    for k, v in (
+                        ("tokenizer", None if isinstance(tokenizer, Tokenizer) else tokenizer),
+                        ("vocab_size", vocab_size),
+                        ("model_type", model_type),
+                        ("jsonl_field", jsonl_field),
+                        ("val_fraction", val_fraction),
+                        ("shard_docs", shard_docs),
+                        ("shard_bytes", shard_bytes),
+                    )
+                ]
+            )
+            + ")"
+        )
     metadata = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -197,8 +213,7 @@ def prepare_dataset(
         "record": {
             "dtype": "int32",
             "byte_order": "little",
-            "content": "token ids of one document"
-            + (", then eos_id" if tok.eos_id is not None else ""),
+            "content": "token ids of one document" + (", then eos_id" if tok.eos_id is not None else ""),
         },
         "tokenizer": {
             "path": TOKENIZER_DIR,
@@ -258,31 +273,34 @@ def parse_size(text: str) -> int:
 
 def _add_tokenizer_training_args(parser: argparse.ArgumentParser) -> None:
     # Defaults are filled in later, so that prepare can tell them from given values.
-    parser.add_argument("--vocab-size", type=int,
-                        help=f"SentencePiece vocabulary size (default {DEFAULT_VOCAB_SIZE})")
-    parser.add_argument("--model-type", choices=("bpe", "unigram"),
-                        help=f"SentencePiece model type (default {DEFAULT_MODEL_TYPE})")
-    parser.add_argument("--jsonl-field", default="text",
-                        help="field holding the text in .jsonl inputs (default: text)")
-    parser.add_argument("--tokenizer-sample", type=parse_size,
-                        default=DEFAULT_SAMPLE_BYTES,
-                        help="input text to sample for training the tokenizer (default 256M)")
+    parser.add_argument("--vocab-size", type=int, help=f"SentencePiece vocabulary size (default {DEFAULT_VOCAB_SIZE})")
+    parser.add_argument(
+        "--model-type", choices=("bpe", "unigram"), help=f"SentencePiece model type (default {DEFAULT_MODEL_TYPE})"
+    )
+    parser.add_argument("--jsonl-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    parser.add_argument(
+        "--tokenizer-sample",
+        type=parse_size,
+        default=DEFAULT_SAMPLE_BYTES,
+        help="input text to sample for training the tokenizer (default 256M)",
+    )
 
 
 def _prepare_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="flaxpod prepare", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="text/.gz/.jsonl files, directories, globs")
     parser.add_argument("--out", required=True, help="output dataset directory")
-    parser.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model "
-                        "(default: train one on the inputs)")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer directory or SentencePiece .model (default: train one on the inputs)"
+    )
     _add_tokenizer_training_args(parser)
     parser.add_argument("--val-fraction", type=float, default=0.005)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--shard-docs", type=int, help="documents per shard")
-    size.add_argument("--shard-bytes", type=parse_size,
-                      help="input text bytes per shard, e.g. 64M (default 64M)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"tokenizer processes (default min(cpus, 8) = {default_workers()})")
+    size.add_argument("--shard-bytes", type=parse_size, help="input text bytes per shard, e.g. 64M (default 64M)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help=f"tokenizer processes (default min(cpus, 8) = {default_workers()})"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -303,17 +321,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _prepare_parser().parse_args(argv)
         if args.tokenizer and (args.vocab_size is not None or args.model_type is not None):
-            raise ValueError("--vocab-size and --model-type train a tokenizer; with "
-                             "--tokenizer the given one is used: drop one or the other")
+            raise ValueError(
+                "--vocab-size and --model-type train a tokenizer; with "
+                "--tokenizer the given one is used: drop one or the other"
+            )
         args.vocab_size = args.vocab_size or DEFAULT_VOCAB_SIZE
         args.model_type = args.model_type or DEFAULT_MODEL_TYPE
         meta = prepare_dataset(
-            args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            model_type=args.model_type, jsonl_field=args.jsonl_field,
-            val_fraction=args.val_fraction, shard_docs=args.shard_docs,
-            shard_bytes=args.shard_bytes, workers=args.workers,
+            args.inputs,
+            args.out,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            jsonl_field=args.jsonl_field,
+            val_fraction=args.val_fraction,
+            shard_docs=args.shard_docs,
+            shard_bytes=args.shard_bytes,
+            workers=args.workers,
             tokenizer_sample_bytes=args.tokenizer_sample,
-            command=_command_line("flaxpod prepare", argv), progress=not args.no_progress,
+            command=_command_line("flaxpod prepare", argv),
+            progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError) as e:
         return _fail("flaxpod prepare", e)
@@ -337,10 +364,13 @@ def summary(meta: dict, out: str | os.PathLike) -> str:
         f"inputs: {reading['files']} files, {reading['text_bytes']:,} bytes of text; "
         f"{reading['empty_documents']} empty skipped; {reading['crlf_documents']} with CRLF; "
         f"{reading['replaced_bytes']} undecodable bytes replaced"
-        + (f" in {reading['files_with_replacements']} files "
-           f"({', '.join(reading['replacement_examples'])}"
-           f"{', ...' if reading['files_with_replacements'] > MAX_EXAMPLES else ''})"
-           if reading["files_with_replacements"] else "")
+        + (
+            f" in {reading['files_with_replacements']} files "
+            f"({', '.join(reading['replacement_examples'])}"
+            f"{', ...' if reading['files_with_replacements'] > MAX_EXAMPLES else ''})"
+            if reading["files_with_replacements"]
+            else ""
+        )
         + f"; longest line {reading['longest_line_chars']:,} chars; "
         f"{reading['documents_larger_than_a_shard']} documents larger than a shard",
         f"tokenizer {meta['tokenizer']['kind']} vocab {meta['tokenizer']['vocab_size']} "
@@ -350,13 +380,13 @@ def summary(meta: dict, out: str | os.PathLike) -> str:
 
 
 def _tokenizer_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="flaxpod tokenizer",
-                             description="Train a SentencePiece tokenizer on text inputs.")
+    parser = _ArgumentParser(prog="flaxpod tokenizer", description="Train a SentencePiece tokenizer on text inputs.")
     parser.add_argument("inputs", nargs="+", help="text/.gz/.jsonl files, directories, globs")
     parser.add_argument("--out", required=True, help="directory to save the tokenizer in")
     _add_tokenizer_training_args(parser)
-    parser.add_argument("--no-byte-fallback", action="store_true",
-                        help="map unknown characters to <unk> instead of UTF-8 bytes")
+    parser.add_argument(
+        "--no-byte-fallback", action="store_true", help="map unknown characters to <unk> instead of UTF-8 bytes"
+    )
     return parser
 
 
@@ -370,8 +400,11 @@ def tokenizer_main(argv: list[str] | None = None) -> int:
         files = input_files(args.inputs)
         start = time.perf_counter()
         tok, info = train_tokenizer_on_inputs(
-            files, vocab_size=args.vocab_size, model_type=args.model_type,
-            jsonl_field=args.jsonl_field, sample_bytes=args.tokenizer_sample,
+            files,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            jsonl_field=args.jsonl_field,
+            sample_bytes=args.tokenizer_sample,
             byte_fallback=not args.no_byte_fallback,
         )
         save_tokenizer(tok, Path(args.out))

@@ -33,10 +33,9 @@ from pathlib import Path
 import grain
 import numpy as np
 from absl import flags
+from flaxpod.data.packing import PackedRowsIterDataset, decode_group
+from flaxpod.data.pipeline import local_batch_size
 from grain.experimental import WindowShuffleIterDataset
-
-from data.packing import PackedRowsIterDataset, decode_group
-from data.pipeline import local_batch_size
 
 Batch = dict[str, np.ndarray]
 FORMAT = "flaxpod-prepared-dataset"
@@ -63,9 +62,7 @@ def load_dataset_metadata(dataset_dir: str | os.PathLike) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format is not {FORMAT!r}")
     if meta.get("version") not in SUPPORTED_VERSIONS:
-        raise ValueError(
-            f"{path}: version {meta.get('version')!r}, this flaxpod reads {SUPPORTED_VERSIONS}"
-        )
+        raise ValueError(f"{path}: version {meta.get('version')!r}, this flaxpod reads {SUPPORTED_VERSIONS}")
     for key in ("tokenizer", "splits", "documents", "tokens"):
         if key not in meta:
             raise ValueError(f"{path}: missing key {key!r}")
@@ -221,9 +218,7 @@ def pack_documents(
     most `read_groups` groups ahead.
     """
     groups = _DocumentGroups(documents, group_size)
-    stream = groups.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_groups)
-    )
+    stream = groups.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_groups))
     return PackedRowsIterDataset(stream, seq_len=seq_len)
 
 
@@ -271,8 +266,9 @@ def make_packed_train_dataset(
     mix_weights = _normalized_weights(weights, len(dataset_dirs))
     streams = [
         pack_documents(
-            host_documents(d, "train", seed=seed, process_index=process_index,
-                           process_count=process_count, dataset_index=i),
+            host_documents(
+                d, "train", seed=seed, process_index=process_index, process_count=process_count, dataset_index=i
+            ),
             seq_len,
             group_size=group_size_for(meta, "train"),
         )
@@ -282,21 +278,19 @@ def make_packed_train_dataset(
     if shuffle_window_rows > 1:
         # Packing emits a long document as consecutive rows; shuffling rows within a window
         # keeps one batch from being many slices of the same book.
-        rows = WindowShuffleIterDataset(rows, window_size=shuffle_window_rows,
-                                        seed=_shuffle_seed(seed, len(dataset_dirs)))
+        rows = WindowShuffleIterDataset(
+            rows, window_size=shuffle_window_rows, seed=_shuffle_seed(seed, len(dataset_dirs))
+        )
     batches = rows.batch(local_batch, drop_remainder=True).map(_to_batch)
     if worker_processes > 0:
         # Grain reads absl flags in its workers; outside absl.app.run nobody parsed them.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=worker_processes,
-                                         per_worker_buffer_size=prefetch_batches)
+            grain.MultiprocessingOptions(num_workers=worker_processes, per_worker_buffer_size=prefetch_batches)
         )
     else:
-        batches = grain.experimental.ThreadPrefetchIterDataset(
-            batches, prefetch_buffer_size=prefetch_batches
-        )
+        batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch_batches)
     return batches
 
 
@@ -328,10 +322,17 @@ def make_packed_train_iterator(
     """
     return iter(
         make_packed_train_dataset(
-            dataset_dirs, weights, seq_len=seq_len, global_batch_size=global_batch_size,
-            seed=seed, process_index=process_index, process_count=process_count,
-            tokenizer_fingerprint=tokenizer_fingerprint, worker_processes=worker_processes,
-            shuffle_window_rows=shuffle_window_rows, prefetch_batches=prefetch_batches,
+            dataset_dirs,
+            weights,
+            seq_len=seq_len,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            worker_processes=worker_processes,
+            shuffle_window_rows=shuffle_window_rows,
+            prefetch_batches=prefetch_batches,
         )
     )
 
@@ -364,8 +365,7 @@ def make_packed_eval_batches(
             group_size = min(group_size, group_size_for(meta, "val"))
     if not parts:
         raise ValueError(
-            f"no validation documents in {[os.fspath(d) for d in dataset_dirs]}: prepare "
-            "with a larger --val-fraction"
+            f"no validation documents in {[os.fspath(d) for d in dataset_dirs]}: prepare with a larger --val-fraction"
         )
     documents = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     rows = []

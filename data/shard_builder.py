@@ -16,10 +16,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.documents import Document
-from data.progress import Progress
-from data.shards import ShardWriter, encode_record, file_sha256, read_json, shard_name, write_json
-from data.tokenizer import Tokenizer, load_tokenizer
+from flaxpod.data.documents import Document
+from flaxpod.data.progress import Progress
+from flaxpod.data.shards import ShardWriter, encode_record, file_sha256, read_json, shard_name, write_json
+from flaxpod.data.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "val")
 STATE_DIR = ".prepare-state"
@@ -87,9 +87,7 @@ class TokenizerPool:
             if self._pool is None:
                 # spawn, not fork: the caller may have started JAX or other threads.
                 context = multiprocessing.get_context("spawn")
-                self._pool = context.Pool(
-                    self.workers, initializer=_init_worker, initargs=(str(self.tokenizer_dir),)
-                )
+                self._pool = context.Pool(self.workers, initializer=_init_worker, initargs=(str(self.tokenizer_dir),))
             results = self._pool.imap(_tokenize_task, tasks)
         for records in results:
             yield from records
@@ -178,9 +176,7 @@ class ShardBuilder:
         for split in SPLITS:
             keep = {Path(entry["path"]).name for entry in self.shards[split]}
             for path in (self.out / split).iterdir():
-                if path.name not in keep and re.fullmatch(
-                    r"shard-\d+\.array_record(\.tmp)?", path.name
-                ):
+                if path.name not in keep and re.fullmatch(r"shard-\d+\.array_record(\.tmp)?", path.name):
                     path.unlink()
             for path in (self.out / STATE_DIR).glob(f"{split}-*.json"):
                 if int(path.stem.rsplit("-", 1)[1]) >= len(self.shards[split]):

@@ -12,9 +12,9 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from data.documents import DocumentReader, document_hash, hash_below
-from data.shards import read_json, write_json
-from data.tokenizer import (
+from flaxpod.data.documents import DocumentReader, document_hash, hash_below
+from flaxpod.data.shards import read_json, write_json
+from flaxpod.data.tokenizer import (
     SentencePieceTokenizer,
     Tokenizer,
     has_tokenizer,
@@ -34,9 +34,7 @@ def load_tokenizer_arg(spec: str | os.PathLike) -> Tokenizer:
         return load_tokenizer(path)
     if path.is_file():
         return SentencePieceTokenizer.load(path)
-    raise FileNotFoundError(
-        f"--tokenizer {os.fspath(spec)!r}: no such directory or SentencePiece model file"
-    )
+    raise FileNotFoundError(f"--tokenizer {os.fspath(spec)!r}: no such directory or SentencePiece model file")
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
@@ -127,8 +125,12 @@ def dataset_tokenizer(
         save_tokenizer(tok, directory)
         return tok, {"source": None if given else os.fspath(tokenizer)}
 
-    request = {"vocab_size": vocab_size, "model_type": model_type, "jsonl_field": jsonl_field,
-               "sample_bytes": sample_bytes}
+    request = {
+        "vocab_size": vocab_size,
+        "model_type": model_type,
+        "jsonl_field": jsonl_field,
+        "sample_bytes": sample_bytes,
+    }
     request_hash = _request_hash(files, request)
     previous = read_json(record_path)
     if previous and previous.get("request") == request_hash and has_tokenizer(directory):
@@ -138,10 +140,12 @@ def dataset_tokenizer(
             return tok, previous["info"]
     log(f"training a {model_type} SentencePiece tokenizer, vocab {vocab_size} ...")
     tok, info = train_tokenizer_on_inputs(
-        files, vocab_size=vocab_size, model_type=model_type, jsonl_field=jsonl_field,
+        files,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        jsonl_field=jsonl_field,
         sample_bytes=sample_bytes,
     )
     save_tokenizer(tok, directory)
-    write_json(record_path, {"request": request_hash, "fingerprint": tok.fingerprint(),
-                             "info": info})
+    write_json(record_path, {"request": request_hash, "fingerprint": tok.fingerprint(), "info": info})
     return tok, info

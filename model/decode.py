@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from model.transformer import Transformer
+from flaxpod.model.transformer import Transformer
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from model import axes as ax
-from model.axes import constrain
+from flaxpod.model import axes as ax
+from flaxpod.model.axes import constrain
 
 
 def make_param(

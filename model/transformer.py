@@ -5,10 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from model import axes as ax
-from model.axes import constrain
-from model.layers import MLP, Attention, Norm, attention_mask, dropout, make_param
+from flaxpod.model import axes as ax
+from flaxpod.model.axes import constrain
+from flaxpod.model.layers import MLP, Attention, Norm, attention_mask, dropout, make_param
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

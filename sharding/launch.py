@@ -25,7 +25,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TextIO
 
-from sharding.distributed import COORDINATOR_ADDRESS_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
+from flaxpod.model.errors import InputError
+from flaxpod.sharding.distributed import COORDINATOR_ADDRESS_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 
 PROG = "flaxpod launch"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -35,7 +36,7 @@ POLL_INTERVAL_S = 0.05
 READER_JOIN_TIMEOUT_S = 5.0
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad command line; reported as one line with exit code 2."""
 
 

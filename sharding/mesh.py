@@ -7,9 +7,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from flaxpod.sharding.rules import Rules, logical_to_spec
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-from sharding.rules import Rules, logical_to_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -66,7 +65,7 @@ def tree_shardings_like(tree: Any, params_shardings: dict, params_shapes: dict, 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of [batch, length] arrays: rows split over the batch axes of the rules."""
-    from model.axes import BATCH, LENGTH
+    from flaxpod.model.axes import BATCH, LENGTH
 
     return NamedSharding(mesh, logical_to_spec((BATCH, LENGTH), rules, mesh))
 

@@ -11,9 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+from flaxpod.model import axes as ax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from model import axes as ax
 
 Rules = dict[str, tuple[str, ...]]
 

@@ -59,11 +59,15 @@ def tiny_overrides(run_dir: Path, corpus: Path, **extra) -> list[str]:
 
 def run_cli(args: list[str], *, devices: int = 8, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     # conftest's flags (optimization level) with this run's device count
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(
-        [sys.executable, "-m", "train.cli", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+        [sys.executable, "-m", "flaxpod.train.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
     )

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import sys
 
+import flaxpod.train.loop
+import flaxpod.train.pretrain
 import numpy as np
-
-import train.loop
-import train.pretrain
 
 
 class PoisonedIterator:
@@ -44,15 +43,15 @@ TRAIN_ITER_ARG = 5  # position of train_iter in train.loop._train(cfg, run_dir, 
 
 def main() -> int:
     steps = set() if sys.argv[1] == "none" else {int(s) for s in sys.argv[1].split(",")}
-    train_fn = train.loop._train
+    train_fn = flaxpod.train.loop._train
 
     def poisoned_train(*args, **kwargs):
         args = list(args)
         args[TRAIN_ITER_ARG] = PoisonedIterator(args[TRAIN_ITER_ARG], steps)
         return train_fn(*args, **kwargs)
 
-    train.loop._train = poisoned_train
-    return train.pretrain.main(sys.argv[2:])
+    flaxpod.train.loop._train = poisoned_train
+    return flaxpod.train.pretrain.main(sys.argv[2:])
 
 
 if __name__ == "__main__":

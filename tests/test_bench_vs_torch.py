@@ -7,10 +7,11 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from model.transformer import Transformer  # noqa: E402
+from flaxpod.model.transformer import Transformer  # noqa: E402
+from flaxpod.train.step import forward  # noqa: E402
+
 from tools.bench_vs_torch import bench_config, parity_losses  # noqa: E402
 from tools.torch_reference import TorchTransformer, load_flaxpod_params  # noqa: E402
-from train.step import forward  # noqa: E402
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.seq_len=16", "data.batch_size=4"]
 

@@ -13,12 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
-from jax.sharding import SingleDeviceSharding
-
-from data.tokenizer import CharTokenizer
-from sharding.mesh import build_mesh
-from tests.tiny_setup import MODEL, assert_bitwise_equal, random_state, tiny
-from train.checkpoint import (
+from flaxpod.data.tokenizer import CharTokenizer
+from flaxpod.sharding.mesh import build_mesh
+from flaxpod.train.checkpoint import (
     COMMIT_FILE,
     UNUSABLE,
     Checkpointer,
@@ -33,7 +30,10 @@ from train.checkpoint import (
     tokenizer_from_run_info,
     write_commit,
 )
-from train.config import Config, to_dict
+from flaxpod.train.config import Config, to_dict
+from jax.sharding import SingleDeviceSharding
+
+from tests.tiny_setup import MODEL, assert_bitwise_equal, random_state, tiny
 
 TOKENIZER = CharTokenizer(sorted("abcdefgh \n"))
 RUN_INFO = make_run_info(to_dict(Config(model=MODEL)), TOKENIZER)

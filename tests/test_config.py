@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from tests.helpers import REPO
-from train.config import (
+from flaxpod.train.config import (
     Config,
     ConfigError,
     MeshConfig,
@@ -15,6 +13,8 @@ from train.config import (
     load_config,
     resolve_mesh_shape,
 )
+
+from tests.helpers import REPO
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from model.decode import Sampling, check_lengths, left_pad, make_generate, sample_token
-from train.config import ModelConfig
-from train.state import abstract_model
+from flaxpod.model.decode import Sampling, check_lengths, left_pad, make_generate, sample_token
+from flaxpod.train.config import ModelConfig
+from flaxpod.train.state import abstract_model
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [7, 8], [9, 10, 11, 12]]
 HOT = Sampling(temperature=0.8, top_k=8, top_p=0.9)

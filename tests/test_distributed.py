@@ -10,8 +10,7 @@ from pathlib import Path
 
 import jax
 import pytest
-
-from sharding import distributed, launch
+from flaxpod.sharding import distributed, launch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FLAXPOD_VARS = (
@@ -23,10 +22,8 @@ FLAXPOD_VARS = (
 
 
 @pytest.fixture
-def child_pythonpath(monkeypatch):
-    """Children import `sharding` from this checkout, whatever their working directory."""
-    parts = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(parts))
+def child_env(monkeypatch):
+    """Children start without this process's FLAXPOD_* variables (they import the installed flaxpod)."""
     for name in FLAXPOD_VARS:
         monkeypatch.delenv(name, raising=False)
 
@@ -56,7 +53,7 @@ def _is_alive(pid: int) -> bool:
 
 
 GLOBAL_SUM_SCRIPT = """
-    from sharding.distributed import initialize_from_env, is_main_process
+    from flaxpod.sharding.distributed import initialize_from_env, is_main_process
 
     initialize_from_env()
 
@@ -81,7 +78,7 @@ GLOBAL_SUM_SCRIPT = """
 """
 
 
-def test_two_processes_four_devices_compute_a_global_sum(tmp_path, capsys, child_pythonpath):
+def test_two_processes_four_devices_compute_a_global_sum(tmp_path, capsys, child_env):
     script = _script(tmp_path, "global_sum.py", GLOBAL_SUM_SCRIPT)
     argv = ["--num-processes", "2", "--devices-per-process", "4", "--", sys.executable, script]
     code = launch.main([str(a) for a in argv])
@@ -95,7 +92,7 @@ def test_two_processes_four_devices_compute_a_global_sum(tmp_path, capsys, child
 # --- failures and signals ---------------------------------------------------------------
 
 
-def test_failing_child_stops_the_sleeping_one(tmp_path, capsys, child_pythonpath):
+def test_failing_child_stops_the_sleeping_one(tmp_path, capsys, child_env):
     script = _script(
         tmp_path,
         "fail.py",
@@ -122,7 +119,7 @@ def test_failing_child_stops_the_sleeping_one(tmp_path, capsys, child_pythonpath
     assert "flaxpod launch: process 1 exited with code 3; stopping 1 other process(es)" in err
 
 
-def test_child_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path, capsys, child_pythonpath):
+def test_child_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path, capsys, child_env):
     script = _script(
         tmp_path,
         "stubborn.py",
@@ -152,7 +149,7 @@ def test_child_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path, capsy
     assert "sending SIGKILL" in err
 
 
-def test_sigterm_to_the_launcher_reaches_every_child(tmp_path, child_pythonpath):
+def test_sigterm_to_the_launcher_reaches_every_child(tmp_path, child_env):
     script = _script(
         tmp_path,
         "wait_for_term.py",
@@ -172,7 +169,7 @@ def test_sigterm_to_the_launcher_reaches_every_child(tmp_path, child_pythonpath)
         """,
     )
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "sharding.launch", "--num-processes", "2", "--"] + [sys.executable, str(script)],
+        [sys.executable, "-m", "flaxpod.sharding.launch", "--num-processes", "2", "--"] + [sys.executable, str(script)],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -191,7 +188,7 @@ def test_sigterm_to_the_launcher_reaches_every_child(tmp_path, child_pythonpath)
     assert "got SIGTERM, forwarding it" in err
 
 
-def test_large_outputs_are_streamed_with_prefixes(tmp_path, capsys, child_pythonpath):
+def test_large_outputs_are_streamed_with_prefixes(tmp_path, capsys, child_env):
     # Far more than a pipe buffer (64 KiB) on both streams: reading one pipe at a time
     # would deadlock.
     script = _script(

@@ -7,9 +7,8 @@ import os
 import re
 
 import pytest
-
-from data import progress
-from data.documents import DocumentReader, document_hash, hash_below, input_files
+from flaxpod.data import progress
+from flaxpod.data.documents import DocumentReader, document_hash, hash_below, input_files
 
 
 def read(paths, **kw):
@@ -55,7 +54,9 @@ def test_documents_carry_source_and_progress(tmp_path):
     reader = DocumentReader([tmp_path / "r.jsonl", tmp_path / "s.txt"])
     docs = list(reader)
     assert [d.source for d in docs] == [
-        f"{tmp_path / 'r.jsonl'}:1", f"{tmp_path / 'r.jsonl'}:2", str(tmp_path / "s.txt")
+        f"{tmp_path / 'r.jsonl'}:1",
+        f"{tmp_path / 'r.jsonl'}:2",
+        str(tmp_path / "s.txt"),
     ]
     assert docs[-1].disk_offset == reader.total_disk_bytes()
 

@@ -8,17 +8,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from data.tokenizer import train_char_tokenizer
-from sharding.mesh import build_mesh
-from sharding.rules import make_rules
-from train.checkpoint import Checkpointer
-from train.cli import main as cli_main
-from train.config import Config, ModelConfig, TokenizerConfig, save_config
-from train.evaluate import Choice, Scorer, _score_by_length, mc_metrics, mc_requests, read_mc_jsonl, run_evaluate
-from train.optimizer import make_optimizer
-from train.run_dir import load_run, single_device_mesh, write_params_run
-from train.state import abstract_model, make_layout
+from flaxpod.data.tokenizer import train_char_tokenizer
+from flaxpod.sharding.mesh import build_mesh
+from flaxpod.sharding.rules import make_rules
+from flaxpod.train.checkpoint import Checkpointer
+from flaxpod.train.cli import main as cli_main
+from flaxpod.train.config import Config, ModelConfig, TokenizerConfig, save_config
+from flaxpod.train.evaluate import (
+    Choice,
+    Scorer,
+    _score_by_length,
+    mc_metrics,
+    mc_requests,
+    read_mc_jsonl,
+    run_evaluate,
+)
+from flaxpod.train.optimizer import make_optimizer
+from flaxpod.train.run_dir import load_run, single_device_mesh, write_params_run
+from flaxpod.train.state import abstract_model, make_layout
 
 TEXT = "the cat sat on the mat. a dog ran to the sun, and the cat ran too!\nQ: who? A: the cat.\n" * 6
 SEQ = 16

@@ -8,11 +8,9 @@ import signal
 import jax
 import numpy as np
 import pytest
-
-from tests.tiny_setup import assert_bitwise_equal, batch, host, tiny
-from train.checkpoint import CheckpointWriteError
-from train.cli import run_guarded
-from train.faults import (
+from flaxpod.train.checkpoint import CheckpointWriteError
+from flaxpod.train.cli import run_guarded
+from flaxpod.train.faults import (
     EXIT_CHECKPOINT_WRITE,
     EXIT_NONFINITE,
     EXIT_STOPPED,
@@ -22,6 +20,8 @@ from train.faults import (
     RunControl,
     StopRequested,
 )
+
+from tests.tiny_setup import assert_bitwise_equal, batch, host, tiny
 
 
 class FakeClock:

@@ -12,14 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from data.tokenizer import train_char_tokenizer, train_sentencepiece
-from model.decode import left_pad, make_generate
-from tools.hf_export import run_export
-from tools.hf_import import import_hf
-from train.config import Config, ModelConfig, TokenizerConfig
-from train.run_dir import load_run, single_device_mesh, write_params_run
-from train.state import abstract_model
+from flaxpod.data.tokenizer import train_char_tokenizer, train_sentencepiece
+from flaxpod.model.decode import left_pad, make_generate
+from flaxpod.train.config import Config, ModelConfig, TokenizerConfig
+from flaxpod.train.export import run_export
+from flaxpod.train.import_hf import import_hf
+from flaxpod.train.run_dir import load_run, single_device_mesh, write_params_run
+from flaxpod.train.state import abstract_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -230,9 +229,8 @@ def test_unsupported_inputs_are_refused(tmp_path, tokenizers):
 
 
 def test_plain_safetensors_and_bfloat16_export(tokenizers, tmp_path):
+    from flaxpod.model.hf_weights import flatten
     from safetensors.numpy import load_file
-
-    from tools.hf_weights import flatten
 
     tok = tokenizers["char"]
     m = ModelConfig(

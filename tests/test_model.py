@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from model.transformer import Transformer, count_params
-from train.config import ModelConfig
+from flaxpod.model.transformer import Transformer, count_params
+from flaxpod.train.config import ModelConfig
 
 
 def small(family: str, **kw) -> ModelConfig:

@@ -34,7 +34,7 @@ def test_two_processes_match_one(tmp_path):
             "--",
             sys.executable,
             "-m",
-            "train.pretrain",
+            "flaxpod.train.pretrain",
             "configs/tiny.yaml",
             *tiny_overrides(multi, corpus, **mesh),
         ]

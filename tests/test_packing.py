@@ -6,12 +6,15 @@ import json
 import grain
 import numpy as np
 import pytest
+from flaxpod.data.packing import PackedRowsIterDataset
 from grain.experimental import ConcatThenSplitIterDataset
 
-from data.packing import PackedRowsIterDataset
-
-ROW_KEYS = {"inputs": "inputs", "targets": "targets", "segment_ids": "inputs_segment_ids",
-            "positions": "inputs_positions"}
+ROW_KEYS = {
+    "inputs": "inputs",
+    "targets": "targets",
+    "segment_ids": "inputs_segment_ids",
+    "positions": "inputs_positions",
+}
 
 
 def documents(seed=0, n=150):
@@ -30,10 +33,12 @@ def packed(docs, seq_len, group_size):
 @functools.cache
 def grain_rows(seq_len):
     pairs = [{"inputs": d[:-1], "targets": d[1:]} for d in documents() if len(d) > 1]
-    return list(ConcatThenSplitIterDataset(
-        grain.MapDataset.source(pairs).to_iter_dataset(),
-        length_struct={"inputs": seq_len, "targets": seq_len},
-    ))
+    return list(
+        ConcatThenSplitIterDataset(
+            grain.MapDataset.source(pairs).to_iter_dataset(),
+            length_struct={"inputs": seq_len, "targets": seq_len},
+        )
+    )
 
 
 @pytest.mark.parametrize("group_size", [1, 3, 64])

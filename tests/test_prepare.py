@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
-
-from data.prepare import main, prepare_dataset, tokenizer_main
-from data.shards import decode_record, file_sha256
-from data.tokenizer import CharTokenizer, load_tokenizer
+from flaxpod.data.prepare import main, prepare_dataset, tokenizer_main
+from flaxpod.data.shards import decode_record, file_sha256
+from flaxpod.data.tokenizer import CharTokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a cat sat on mat dog ran far away and then home quick brown fox naïve zebra".split()
@@ -28,9 +27,7 @@ def make_corpus(root: Path, n_files: int = 24, seed: int = 0) -> Path:
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n_files):
-        text = f"Document {i}.\n" + "".join(
-            sentence_text(rng, rng.randint(3, 30)) for _ in range(rng.randint(1, 20))
-        )
+        text = f"Document {i}.\n" + "".join(sentence_text(rng, rng.randint(3, 30)) for _ in range(rng.randint(1, 20)))
         (root / f"doc{i:03d}.txt").write_text(text, encoding="utf-8")
     (root / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me, the cat.\n".encode("latin-1"))
     (root / "crlf.txt").write_bytes(b"line one\r\nline two\r\n")
@@ -62,15 +59,15 @@ def records(dataset: Path, split: str) -> list[bytes]:
 
 def shard_hashes(dataset: Path) -> dict[str, str]:
     meta = json.loads((dataset / "metadata.json").read_text())
-    return {s["path"]: s["sha256"] for split in ("train", "val")
-            for s in meta["splits"][split]["shards"]}
+    return {s["path"]: s["sha256"] for split in ("train", "val") for s in meta["splits"][split]["shards"]}
 
 
 def test_prepare_content_and_metadata(tmp_path, tokenizer_dir):
     corpus = make_corpus(tmp_path / "corpus")
     out = tmp_path / "ds"
-    meta = prepare_dataset([str(corpus)], out, tokenizer=tokenizer_dir, val_fraction=0.2,
-                           shard_docs=7, workers=1, progress=False)
+    meta = prepare_dataset(
+        [str(corpus)], out, tokenizer=tokenizer_dir, val_fraction=0.2, shard_docs=7, workers=1, progress=False
+    )
     tok = load_tokenizer(out / "tokenizer")
     assert tok.fingerprint() == load_tokenizer(tokenizer_dir).fingerprint()
     assert meta["tokenizer"]["fingerprint"] == tok.fingerprint()
@@ -92,8 +89,7 @@ def test_prepare_content_and_metadata(tmp_path, tokenizer_dir):
             ids = decode_record(r)
             assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
             texts.append(tok.decode(ids[:-1].tolist()))
-    expected = {"Caf\ufffd cr\ufffdme, the cat.\n", "line one\nline two\n",
-                "the cat " * 20_000 + "\n"}
+    expected = {"Caf\ufffd cr\ufffdme, the cat.\n", "line one\nline two\n", "the cat " * 20_000 + "\n"}
     expected |= {(corpus / f"doc{i:03d}.txt").read_text() for i in range(24)}
     with gzip.open(corpus / "rows.jsonl.gz", "rt") as f:
         expected |= {json.loads(line)["text"] for line in f}
@@ -146,14 +142,12 @@ def test_validation_split_is_stable_when_inputs_are_added(tmp_path, tokenizer_di
 
 def test_trained_tokenizer_is_reused_and_long_documents_get_own_shard(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
-    kw = dict(vocab_size=300, model_type="unigram", shard_bytes=4096, workers=1,
-              progress=False, val_fraction=0.0)
+    kw = dict(vocab_size=300, model_type="unigram", shard_bytes=4096, workers=1, progress=False, val_fraction=0.0)
     meta = prepare_dataset([str(corpus)], tmp_path / "ds", **kw)
     assert meta["tokenizer"]["model_type"] == "unigram" and meta["tokenizer"]["vocab_size"] == 300
     assert meta["tokenizer"]["sample_documents"] == meta["documents"]
     assert meta["reading"]["documents_larger_than_a_shard"] == 1  # longline.txt, 160 kB
-    long_shards = [s for s in meta["splits"]["train"]["shards"] if s["documents"] == 1
-                   and s["tokens"] > 4096]
+    long_shards = [s for s in meta["splits"]["train"]["shards"] if s["documents"] == 1 and s["tokens"] > 4096]
     assert len(long_shards) == 1
     again = prepare_dataset([str(corpus)], tmp_path / "ds", **kw)
     assert again["tokenizer"]["fingerprint"] == meta["tokenizer"]["fingerprint"]
@@ -162,8 +156,8 @@ def test_trained_tokenizer_is_reused_and_long_documents_get_own_shard(tmp_path):
 
 CRASH_SCRIPT = """
 import os, sys
-from data import shards
-from data.prepare import prepare_dataset
+from flaxpod.data import shards
+from flaxpod.data.prepare import prepare_dataset
 real_write, count = shards.ShardWriter.write, [0]
 def write(self, record):
     count[0] += 1
@@ -178,15 +172,17 @@ prepare_dataset([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[4], shard_docs=10
 
 def test_crash_leaves_no_complete_looking_shard_and_rerun_finishes(tmp_path, tokenizer_dir):
     corpus = make_corpus(tmp_path / "corpus")
-    kw = dict(tokenizer=tokenizer_dir, shard_docs=10, val_fraction=0.2, workers=1,
-              progress=False)
+    kw = dict(tokenizer=tokenizer_dir, shard_docs=10, val_fraction=0.2, workers=1, progress=False)
     prepare_dataset([str(corpus)], tmp_path / "clean", **kw)
     out = tmp_path / "crashed"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     # Die while writing the 25th record: in the third shard.
     proc = subprocess.run(
         [sys.executable, "-c", CRASH_SCRIPT, str(corpus), str(out), "25", str(tokenizer_dir)],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 17, proc.stderr
     assert not (out / "metadata.json").exists()
@@ -206,8 +202,23 @@ def test_crash_leaves_no_complete_looking_shard_and_rerun_finishes(tmp_path, tok
 def test_cli_prepare_and_errors(tmp_path, tokenizer_dir, capsys):
     corpus = make_corpus(tmp_path / "corpus", n_files=3)
     out = tmp_path / "ds"
-    assert main([str(corpus), "--out", str(out), "--tokenizer", str(tokenizer_dir),
-                 "--workers", "1", "--no-progress", "--shard-bytes", "1k"]) == 0
+    assert (
+        main(
+            [
+                str(corpus),
+                "--out",
+                str(out),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--workers",
+                "1",
+                "--no-progress",
+                "--shard-bytes",
+                "1k",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"prepared {out}: 36 documents" in printed  # 3 + latin1, crlf, long + 30 rows
     meta = json.loads((out / "metadata.json").read_text())
@@ -217,18 +228,23 @@ def test_cli_prepare_and_errors(tmp_path, tokenizer_dir, capsys):
     model = tokenizer_dir / "tokenizer.model"
     cases = [
         ([str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")], "missing.txt"),
-        ([str(corpus), "--out", str(tmp_path / "x"), "--shard-docs", "3", "--shard-bytes", "1M"],
-         "not allowed with argument"),
+        (
+            [str(corpus), "--out", str(tmp_path / "x"), "--shard-docs", "3", "--shard-bytes", "1M"],
+            "not allowed with argument",
+        ),
         ([str(corpus), "--out", str(tmp_path / "x"), "--val-fraction", "1.5"], "--val-fraction"),
-        ([str(corpus), "--out", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "nope")],
-         "--tokenizer"),
+        ([str(corpus), "--out", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "nope")], "--tokenizer"),
         ([str(corpus), "--out", str(corpus / "sub")], "lies inside the input directory"),
         ([str(out / "metadata.json"), "--out", str(out)], "lies inside the output directory"),
         ([str(corpus), "--out", str(tmp_path / "x"), "--bogus"], "unrecognized arguments"),
-        ([str(corpus), "--out", str(tmp_path / "x"), "--tokenizer", str(tokenizer_dir),
-          "--vocab-size", "500"], "--vocab-size and --model-type train a tokenizer"),
-        ([str(corpus), "--out", str(tmp_path / "x"), "--tokenizer", str(corpus / "crlf.txt")],
-         "not a SentencePiece model"),
+        (
+            [str(corpus), "--out", str(tmp_path / "x"), "--tokenizer", str(tokenizer_dir), "--vocab-size", "500"],
+            "--vocab-size and --model-type train a tokenizer",
+        ),
+        (
+            [str(corpus), "--out", str(tmp_path / "x"), "--tokenizer", str(corpus / "crlf.txt")],
+            "not a SentencePiece model",
+        ),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv
@@ -247,8 +263,7 @@ def test_failed_run_names_the_document_and_can_be_rerun(tmp_path, capsys):
     (tmp_path / "in" / "a.txt").write_text("abc")
     (tmp_path / "in" / "b.txt").write_text("abz")
     CharTokenizer(list("abc")).save(tmp_path / "tok")
-    argv = [str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tokenizer",
-            str(tmp_path / "tok"), "--no-progress"]
+    argv = [str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok"), "--no-progress"]
     for workers in ("2", "1"):  # the error crosses the process boundary intact
         assert main([*argv, "--workers", workers]) == 2
         err = capsys.readouterr().err
@@ -262,8 +277,7 @@ def test_failed_run_names_the_document_and_can_be_rerun(tmp_path, capsys):
 
 def test_tokenizer_cli_errors(tmp_path, capsys):
     (tmp_path / "tiny.txt").write_text("ab")
-    assert tokenizer_main([str(tmp_path / "tiny.txt"), "--out", str(tmp_path / "t"),
-                           "--vocab-size", "5000"]) == 2
+    assert tokenizer_main([str(tmp_path / "tiny.txt"), "--out", str(tmp_path / "t"), "--vocab-size", "5000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flaxpod tokenizer: error: tokenizer.vocab_size: 5000")
     assert err.count("\n") == 0

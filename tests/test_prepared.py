@@ -6,9 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-
-from data.prepare import prepare_dataset
-from data.prepared import (
+from flaxpod.data.prepare import prepare_dataset
+from flaxpod.data.prepared import (
     BATCH_KEYS,
     host_documents,
     load_dataset_metadata,
@@ -16,8 +15,8 @@ from data.prepared import (
     make_packed_train_iterator,
     packing_efficiency,
 )
-from data.shards import decode_record
-from data.tokenizer import CharTokenizer, train_sentencepiece
+from flaxpod.data.shards import decode_record
+from flaxpod.data.tokenizer import CharTokenizer, train_sentencepiece
 
 WORDS = "the a cat sat on mat dog ran far away and then home quick brown fox".split()
 
@@ -34,11 +33,17 @@ def sp_dataset(tmp_path_factory):
     """60 documents of 1 to ~200 tokens, in several shards, with a validation split."""
     base = tmp_path_factory.mktemp("sp")
     rng = random.Random(0)
-    texts = [f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 120)))
-             for i in range(60)]
+    texts = [f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 120))) for i in range(60)]
     tok = train_sentencepiece(texts, 320)
-    prepare_dataset([str(write_docs(base / "txt", texts))], base / "ds", tokenizer=tok,
-                    val_fraction=0.25, shard_docs=9, workers=1, progress=False)
+    prepare_dataset(
+        [str(write_docs(base / "txt", texts))],
+        base / "ds",
+        tokenizer=tok,
+        val_fraction=0.25,
+        shard_docs=9,
+        workers=1,
+        progress=False,
+    )
     return base / "ds"
 
 
@@ -51,10 +56,15 @@ def char_datasets(tmp_path_factory):
     rng = random.Random(1)
     out = []
     for name, letters in (("am", "abcdefghijklm"), ("nz", "nopqrstuvwxyz")):
-        texts = ["".join(rng.choice(letters) for _ in range(rng.randint(5, 90)))
-                 for _ in range(40)]
-        prepare_dataset([str(write_docs(base / name, texts))], base / f"ds_{name}",
-                        tokenizer=base / "tok", val_fraction=0.0, workers=1, progress=False)
+        texts = ["".join(rng.choice(letters) for _ in range(rng.randint(5, 90))) for _ in range(40)]
+        prepare_dataset(
+            [str(write_docs(base / name, texts))],
+            base / f"ds_{name}",
+            tokenizer=base / "tok",
+            val_fraction=0.0,
+            workers=1,
+            progress=False,
+        )
         out.append(base / f"ds_{name}")
     return out
 
@@ -68,9 +78,7 @@ def take(it, n):
 
 
 def same_batches(a, b):
-    return len(a) == len(b) and all(
-        np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in BATCH_KEYS
-    )
+    return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in BATCH_KEYS)
 
 
 def check_rows_against_documents(rows_by_batch, docs, seq_len):
@@ -85,14 +93,11 @@ def check_rows_against_documents(rows_by_batch, docs, seq_len):
             for s in ids:
                 where = np.flatnonzero(seg == s)
                 assert np.array_equal(where, np.arange(where[0], where[-1] + 1))
-                np.testing.assert_array_equal(batch["positions"][row, where],
-                                              np.arange(len(where)))
+                np.testing.assert_array_equal(batch["positions"][row, where], np.arange(len(where)))
                 doc = docs[doc_index]
                 n = len(where)
-                np.testing.assert_array_equal(batch["inputs"][row, where],
-                                              doc[:-1][offset:offset + n])
-                np.testing.assert_array_equal(batch["targets"][row, where],
-                                              doc[1:][offset:offset + n])
+                np.testing.assert_array_equal(batch["inputs"][row, where], doc[:-1][offset : offset + n])
+                np.testing.assert_array_equal(batch["targets"][row, where], doc[1:][offset : offset + n])
                 offset += n
                 if offset == len(doc) - 1:
                     doc_index, offset = doc_index + 1, 0
@@ -108,8 +113,9 @@ def test_batch_contract_and_exact_packing(sp_dataset):
     docs = documents(sp_dataset, seed=3, repeat=False)
     total = sum(len(d) - 1 for d in docs)
     assert max(len(d) for d in docs) > 2 * seq_len  # some documents span several rows
-    it = make_packed_train_iterator([sp_dataset], seq_len=seq_len, global_batch_size=batch,
-                                    seed=3, shuffle_window_rows=0)
+    it = make_packed_train_iterator(
+        [sp_dataset], seq_len=seq_len, global_batch_size=batch, seed=3, shuffle_window_rows=0
+    )
     batches = take(it, total // (seq_len * batch) + 2)
     for b in batches:
         assert set(b) == set(BATCH_KEYS)
@@ -127,14 +133,14 @@ def test_hosts_read_disjoint_parts_that_cover_everything(sp_dataset, hosts):
     n = len(all_records)
     seen = []
     for p in range(hosts):
-        endless = host_documents(sp_dataset, "train", seed=7, process_index=p,
-                                 process_count=hosts)
+        endless = host_documents(sp_dataset, "train", seed=7, process_index=p, process_count=hosts)
         first_epoch = [decode_record(endless[i]).tobytes() for i in range(len(range(p, n, hosts)))]
         seen += first_epoch
     assert len(seen) == len(set(seen)) == n
     assert set(seen) == all_records
-    it = make_packed_train_iterator([sp_dataset], seq_len=16, global_batch_size=8, seed=7,
-                                    process_index=hosts - 1, process_count=hosts)
+    it = make_packed_train_iterator(
+        [sp_dataset], seq_len=16, global_batch_size=8, seed=7, process_index=hosts - 1, process_count=hosts
+    )
     assert next(it)["inputs"].shape == (8 // hosts, 16)
     it.close()
 
@@ -156,8 +162,9 @@ def dataset_of_rows(rows):
 def test_mixture_proportions(char_datasets, weights, share):
     # Rows are mixed by a deterministic interleaving, then shuffled within windows of 64
     # rows: over whole windows (7 x 64 rows here) the shares are exact to a row.
-    it = make_packed_train_iterator(char_datasets, list(weights), seq_len=16,
-                                    global_batch_size=8, seed=0, shuffle_window_rows=64)
+    it = make_packed_train_iterator(
+        char_datasets, list(weights), seq_len=16, global_batch_size=8, seed=0, shuffle_window_rows=64
+    )
     origin = dataset_of_rows(take(it, 56))
     it.close()
     realized = 1 - np.mean(origin)
@@ -179,7 +186,7 @@ def test_restore_mid_epoch_is_exact(char_datasets, sp_dataset):
         for step, state in states.items():
             restored = make_packed_train_iterator(dirs, weights, **kw)
             restored.set_state(state)
-            assert same_batches(take(restored, 6), batches[step:step + 6]), step
+            assert same_batches(take(restored, 6), batches[step : step + 6]), step
             restored.close()
 
 
@@ -190,8 +197,14 @@ def test_restore_when_rows_end_exactly_at_document_ends(tmp_path, char_datasets)
     rng = random.Random(5)
     texts = ["".join(rng.choice("abcdefgh") for _ in range(seq_len + 1)) for _ in range(30)]
     tok_dir = char_datasets[0] / "tokenizer"
-    prepare_dataset([str(write_docs(tmp_path / "txt", texts))], tmp_path / "ds",
-                    tokenizer=tok_dir, val_fraction=0.0, workers=1, progress=False)
+    prepare_dataset(
+        [str(write_docs(tmp_path / "txt", texts))],
+        tmp_path / "ds",
+        tokenizer=tok_dir,
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+    )
     kw = dict(seq_len=seq_len, global_batch_size=2, seed=0, shuffle_window_rows=0)
     it = make_packed_train_iterator([tmp_path / "ds"], **kw)
     states, batches = [], []
@@ -226,15 +239,12 @@ def test_tokenizer_hash_must_match(sp_dataset, char_datasets):
     fingerprint = load_dataset_metadata(sp_dataset)["tokenizer"]["fingerprint"]
     wrong = "0" * 64
     with pytest.raises(ValueError) as err:
-        make_packed_train_iterator([sp_dataset], seq_len=8, global_batch_size=2, seed=0,
-                                   tokenizer_fingerprint=wrong)
+        make_packed_train_iterator([sp_dataset], seq_len=8, global_batch_size=2, seed=0, tokenizer_fingerprint=wrong)
     assert fingerprint in str(err.value) and wrong in str(err.value)
     with pytest.raises(ValueError, match="a mixture needs one tokenizer"):
-        make_packed_train_iterator([sp_dataset, char_datasets[0]], seq_len=8,
-                                   global_batch_size=2, seed=0)
+        make_packed_train_iterator([sp_dataset, char_datasets[0]], seq_len=8, global_batch_size=2, seed=0)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-        make_packed_train_iterator([sp_dataset], seq_len=8, global_batch_size=4, seed=0,
-                                   process_count=3)
+        make_packed_train_iterator([sp_dataset], seq_len=8, global_batch_size=4, seed=0, process_count=3)
     with pytest.raises(ValueError, match="weights: 1 given for 2 datasets"):
         make_packed_train_iterator(char_datasets, [1.0], seq_len=8, global_batch_size=2, seed=0)
 
@@ -244,23 +254,23 @@ def test_eval_batches(sp_dataset):
     val_docs = documents(sp_dataset, "val", seed=None, repeat=False)
     total = sum(len(d) - 1 for d in val_docs)
     rows_needed = -(-total // seq_len)
-    one = make_packed_eval_batches([sp_dataset], seq_len=seq_len, global_batch_size=gbs,
-                                   num_batches=1000)
+    one = make_packed_eval_batches([sp_dataset], seq_len=seq_len, global_batch_size=gbs, num_batches=1000)
     # Padding only in the last batch; all of the validation split is there, in order.
     assert len(one) == -(-rows_needed // gbs)
     assert all(packing_efficiency(b) == 1.0 for b in one[:-2])
     assert one[-1]["loss_mask"].sum() + sum(b["loss_mask"].sum() for b in one[:-1]) == total
     check_rows_against_documents(one, val_docs, seq_len)
-    again = make_packed_eval_batches([sp_dataset], seq_len=seq_len, global_batch_size=gbs,
-                                     num_batches=1000)
+    again = make_packed_eval_batches([sp_dataset], seq_len=seq_len, global_batch_size=gbs, num_batches=1000)
     assert same_batches(one, again)
     # Two hosts: each holds every other row of the same global batches.
-    few = make_packed_eval_batches([sp_dataset], seq_len=seq_len, global_batch_size=gbs,
-                                   num_batches=2)
+    few = make_packed_eval_batches([sp_dataset], seq_len=seq_len, global_batch_size=gbs, num_batches=2)
     assert same_batches(few, one[:2])
-    parts = [make_packed_eval_batches([sp_dataset], seq_len=seq_len, global_batch_size=gbs,
-                                      num_batches=2, process_index=p, process_count=2)
-             for p in range(2)]
+    parts = [
+        make_packed_eval_batches(
+            [sp_dataset], seq_len=seq_len, global_batch_size=gbs, num_batches=2, process_index=p, process_count=2
+        )
+        for p in range(2)
+    ]
     for k in range(2):
         for key in BATCH_KEYS:
             np.testing.assert_array_equal(parts[0][k][key], one[k][key][0::2])
@@ -284,5 +294,4 @@ def test_metadata_errors(tmp_path, sp_dataset, char_datasets):
     with pytest.raises(ValueError, match="corrupt metadata"):
         load_dataset_metadata(copy)
     with pytest.raises(ValueError, match="no validation documents"):
-        make_packed_eval_batches([char_datasets[0]], seq_len=8, global_batch_size=2,
-                                 num_batches=1)
+        make_packed_eval_batches([char_datasets[0]], seq_len=8, global_batch_size=2, num_batches=1)

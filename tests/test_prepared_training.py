@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from flaxpod.data.tokenizer import train_char_tokenizer
 
-from data.tokenizer import train_char_tokenizer
 from tests.helpers import run_cli, tiny_overrides, write_corpus
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from flaxpod.train.config import load_config, save_config
 
 from tests.helpers import REPO, run_cli, tiny_overrides, write_corpus
-from train.config import load_config, save_config
 
 
 @pytest.fixture(scope="module")

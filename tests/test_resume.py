@@ -19,8 +19,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flaxpod.sharding.launch import xla_flags_with_device_count
+from flaxpod.train.checkpoint import committed_steps, restore_params
+from flaxpod.train.faults import EXIT_CHECKPOINT_WRITE, EXIT_NONFINITE, EXIT_STOPPED
 
-from sharding.launch import xla_flags_with_device_count
 from tools.resume_check import (
     compare_runs,
     is_committed,
@@ -30,8 +32,6 @@ from tools.resume_check import (
     start,
     wait_until,
 )
-from train.checkpoint import committed_steps, restore_params
-from train.faults import EXIT_CHECKPOINT_WRITE, EXIT_NONFINITE, EXIT_STOPPED
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def env(work: Path, devices: int) -> dict[str, str]:
     return out
 
 
-PRETRAIN = [sys.executable, "-m", "train.pretrain"]
+PRETRAIN = [sys.executable, "-m", "flaxpod.train.pretrain"]
 # Every single-process run on 2 devices goes through the NaN-injecting wrapper (most with nothing to
 # inject): its batches carry a loss mask, so they all share one compiled program and the cache.
 MASKED = [sys.executable, str(ROOT / "tests" / "poisoned_pretrain.py")]
@@ -247,7 +247,7 @@ def test_two_processes_save_and_stop_at_the_same_step(work):
     pretrain = command(
         work, run_dir, "train.steps=2000", "checkpoint.every=1000", "checkpoint.sync_every=4", script=PRETRAIN
     )
-    launch = [sys.executable, "-m", "sharding.launch", "--num-processes", "2", "--devices-per-process", "2"]
+    launch = [sys.executable, "-m", "flaxpod.sharding.launch", "--num-processes", "2", "--devices-per-process", "2"]
     log = work / "two_processes.log"
     launcher = start([*launch, "--grace-period", "300", "--", *pretrain], log, env(work, 2))
     assert wait_until(launcher, lambda: last_metric_step(run_dir) >= 3), "ended early"

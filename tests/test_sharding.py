@@ -5,14 +5,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-
-from model.axes import activation_sharding
-from sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
-from sharding.rules import activation_resolver, logical_to_spec, make_rules
-from train.config import ModelConfig, OptimConfig
-from train.optimizer import make_optimizer
-from train.state import init_state, make_layout
-from train.step import compile_train_step, make_train_step
+from flaxpod.model.axes import activation_sharding
+from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
+from flaxpod.sharding.rules import activation_resolver, logical_to_spec, make_rules
+from flaxpod.train.config import ModelConfig, OptimConfig
+from flaxpod.train.optimizer import make_optimizer
+from flaxpod.train.state import init_state, make_layout
+from flaxpod.train.step import compile_train_step, make_train_step
 
 CFG = ModelConfig(
     family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=16, vocab_size=128, tie_embeddings=False

@@ -6,22 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data.pipeline import (
+from flaxpod.data.pipeline import (
     WindowSource,
     make_eval_batches,
     make_train_iterator,
     split_tokens,
     tokenize_corpus,
 )
-from data.text import (
+from flaxpod.data.text import (
     DEFAULT_CORPUS,
     Corpus,
     default_corpus_paths,
     read_corpus,
     resolve_text_paths,
 )
-from data.tokenizer import CharTokenizer, train_char_tokenizer
+from flaxpod.data.tokenizer import CharTokenizer, train_char_tokenizer
 
 # ---------------------------------------------------------------- text files
 

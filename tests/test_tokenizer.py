@@ -4,10 +4,9 @@ import hashlib
 import json
 import random
 
+import flaxpod.data.tokenizer as tokenizer_module
 import pytest
-
-import data.tokenizer as tokenizer_module
-from data.tokenizer import (
+from flaxpod.data.tokenizer import (
     CharTokenizer,
     SentencePieceTokenizer,
     load_tokenizer,

@@ -7,14 +7,13 @@ from typing import Any
 
 import jax
 import numpy as np
-
-from model.axes import activation_sharding
-from sharding.mesh import batch_sharding, build_mesh, put_batch
-from sharding.rules import activation_resolver, make_rules
-from train.config import ModelConfig, OptimConfig
-from train.optimizer import make_optimizer
-from train.state import StateLayout, make_layout
-from train.step import compile_train_step, make_train_step
+from flaxpod.model.axes import activation_sharding
+from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
+from flaxpod.sharding.rules import activation_resolver, make_rules
+from flaxpod.train.config import ModelConfig, OptimConfig
+from flaxpod.train.optimizer import make_optimizer
+from flaxpod.train.state import StateLayout, make_layout
+from flaxpod.train.step import compile_train_step, make_train_step
 
 MODEL = ModelConfig(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=8, vocab_size=64)
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=2)

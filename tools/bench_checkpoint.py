@@ -21,15 +21,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
-from model.axes import activation_sharding
-from sharding.mesh import batch_sharding, build_mesh, put_batch
-from sharding.rules import activation_resolver, make_rules
-from train.checkpoint import Checkpointer, directory_bytes, params_bytes, restore_params
-from train.config import check_against_devices, load_config
-from train.optimizer import make_optimizer
-from train.state import init_state, make_layout
-from train.step import compile_train_step, make_train_step
+from flaxpod.model.axes import activation_sharding
+from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
+from flaxpod.sharding.rules import activation_resolver, make_rules
+from flaxpod.train.checkpoint import Checkpointer, directory_bytes, params_bytes, restore_params
+from flaxpod.train.config import check_against_devices, load_config
+from flaxpod.train.optimizer import make_optimizer
+from flaxpod.train.state import init_state, make_layout
+from flaxpod.train.step import compile_train_step, make_train_step
 
 
 def timed_steps(step_fn, state, batch, n: int):

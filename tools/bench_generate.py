@@ -21,8 +21,8 @@ from flax import nnx
 
 
 def _random_run(family: str, d_model: int, layers: int, max_len: int, vocab: int):
-    from train.config import ModelConfig
-    from train.state import abstract_model
+    from flaxpod.train.config import ModelConfig
+    from flaxpod.train.state import abstract_model
 
     n_head = max(1, d_model // 64)
     cfg = ModelConfig(
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from model.decode import check_lengths, make_generate
+    from flaxpod.model.decode import check_lengths, make_generate
 
     if args.run_dir:
-        from train.run_dir import load_run
+        from flaxpod.train.run_dir import load_run
 
         run = load_run(args.run_dir)
         cfg, graphdef, params = run.cfg.model, run.graphdef, run.params

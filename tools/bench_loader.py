@@ -1,6 +1,6 @@
 """Loader throughput on prepared shards: tokens/s and packing efficiency.
 
-    PYTHONPATH=. python tools/bench_loader.py DATASET_DIR SEQ_LEN BATCH [--steps N]
+    python -m tools.bench_loader DATASET_DIR SEQ_LEN BATCH [--steps N]
         [--warmup 10] [--worker-processes 0] [--shuffle-window-rows 1024] [--prefetch 4]
 
 Builds the training iterator of `data.prepared` exactly as training does (one process),
@@ -24,8 +24,7 @@ import sys
 import time
 
 import numpy as np
-
-from data.prepared import load_dataset_metadata, make_packed_train_iterator
+from flaxpod.data.prepared import load_dataset_metadata, make_packed_train_iterator
 
 
 def bench(
@@ -45,8 +44,12 @@ def bench(
         steps = max(200, -(-4 * shuffle_window_rows // batch))
     start = time.perf_counter()
     it = make_packed_train_iterator(
-        dataset_dirs, seq_len=seq_len, global_batch_size=batch, seed=seed,
-        worker_processes=worker_processes, shuffle_window_rows=shuffle_window_rows,
+        dataset_dirs,
+        seq_len=seq_len,
+        global_batch_size=batch,
+        seed=seed,
+        worker_processes=worker_processes,
+        shuffle_window_rows=shuffle_window_rows,
         prefetch_batches=prefetch,
     )
     try:
@@ -75,18 +78,26 @@ def bench(
 def training_tokens_per_sec(config_path: str, seq_len: int, rows: int, steps: int = 2) -> float:
     """Tokens/s of the config's compiled train step on this machine (compile excluded)."""
     import jax
-
-    from model.axes import activation_sharding
-    from sharding.mesh import batch_sharding, build_mesh, put_batch
-    from sharding.rules import activation_resolver, make_rules
-    from train.config import load_config
-    from train.optimizer import make_optimizer
-    from train.state import init_state, make_layout
-    from train.step import compile_train_step, make_train_step
+    from flaxpod.model.axes import activation_sharding
+    from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
+    from flaxpod.sharding.rules import activation_resolver, make_rules
+    from flaxpod.train.config import load_config
+    from flaxpod.train.optimizer import make_optimizer
+    from flaxpod.train.state import init_state, make_layout
+    from flaxpod.train.step import compile_train_step, make_train_step
 
     n = jax.device_count()
-    cfg = load_config(config_path, [f"model.seq_len={seq_len}", f"data.batch_size={rows}", "train.grad_accum=1",
-                                    f"mesh.data={n}", "mesh.fsdp=1", "mesh.tensor=1"])
+    cfg = load_config(
+        config_path,
+        [
+            f"model.seq_len={seq_len}",
+            f"data.batch_size={rows}",
+            "train.grad_accum=1",
+            f"mesh.data={n}",
+            "mesh.fsdp=1",
+            "mesh.tensor=1",
+        ],
+    )
     model_cfg = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=32768)
     model_cfg = dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, seq_len))
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
@@ -129,10 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"bench_loader: error: {e}", file=sys.stderr)
         return 2
-    r = bench(dirs, args.seq_len, args.batch, steps=args.steps, warmup=args.warmup,
-              worker_processes=args.worker_processes,
-              shuffle_window_rows=args.shuffle_window_rows, prefetch=args.prefetch,
-              seed=args.seed)
+    r = bench(
+        dirs,
+        args.seq_len,
+        args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        worker_processes=args.worker_processes,
+        shuffle_window_rows=args.shuffle_window_rows,
+        prefetch=args.prefetch,
+        seed=args.seed,
+    )
     print(
         f"loader {','.join(dirs)} ({tokens:,} train tokens) seq_len={args.seq_len} "
         f"batch={args.batch} workers={args.worker_processes}: "

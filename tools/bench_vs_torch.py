@@ -1,6 +1,6 @@
 """flaxpod's training step against a PyTorch eager twin of the same model, in one process.
 
-    PYTHONPATH=$PWD python tools/bench_vs_torch.py [--config configs/shakespeare_char.yaml]
+    python -m tools.bench_vs_torch [--config configs/shakespeare_char.yaml]
         [key.sub=value ...] [--steps 50] [--rounds 5] [--vocab 65] [--json OUT]
         [--variant "model.scan_layers=false" ...]
 
@@ -33,17 +33,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
-from model.axes import activation_sharding
-from model.transformer import count_params
-from sharding.mesh import batch_sharding, build_mesh, put_batch
-from sharding.rules import activation_resolver, make_rules
-from train.config import Config, ConfigError, load_config
-from train.flops import flops_per_token, measure_matmul_flops
-from train.loop import VOCAB_MULTIPLE
-from train.optimizer import make_optimizer
-from train.state import init_state, make_layout
-from train.step import compile_train_step, make_train_step
+from flaxpod.model.axes import activation_sharding
+from flaxpod.model.transformer import count_params
+from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
+from flaxpod.sharding.rules import activation_resolver, make_rules
+from flaxpod.train.config import Config, ConfigError, load_config
+from flaxpod.train.flops import flops_per_token, measure_matmul_flops
+from flaxpod.train.loop import VOCAB_MULTIPLE
+from flaxpod.train.optimizer import make_optimizer
+from flaxpod.train.state import init_state, make_layout
+from flaxpod.train.step import compile_train_step, make_train_step
 
 DEFAULT_CONFIG = "configs/shakespeare_char.yaml"
 CHAR_VOCAB = 65  # tiny shakespeare's characters, as nanoGPT's shakespeare_char
@@ -355,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
 
-    from train.cli import run_guarded
+    from flaxpod.train.cli import run_guarded
 
     def job() -> None:
         for name, value in (("--steps", args.steps), ("--rounds", args.rounds)):

@@ -28,9 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
     from flax import nnx
-
-    from model.decode import check_lengths, left_pad, make_generate
-    from train.run_dir import load_run, single_device_mesh
+    from flaxpod.model.decode import check_lengths, left_pad, make_generate
+    from flaxpod.train.run_dir import load_run, single_device_mesh
 
     run = load_run(args.run_dir, args.step, mesh=single_device_mesh())
     tok = run.tokenizer

@@ -30,14 +30,13 @@ COMPARED = ("loss", "grad_norm", "lr", "val_loss", "skipped_steps")
 
 
 def pretrain_command(config: str, overrides: list[str], run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "train.pretrain", config, *overrides, f"run_dir={run_dir}"]
+    return [sys.executable, "-m", "flaxpod.train.pretrain", config, *overrides, f"run_dir={run_dir}"]
 
 
 def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
     """Starts a run in the repository root with its output appended to log_path."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, **popen)
 
@@ -56,7 +55,7 @@ def last_metric_step(run_dir: Path) -> int:
 
 
 def is_committed(run_dir: Path, step: int) -> bool:
-    from train.checkpoint import CHECKPOINTS, COMMIT_FILE
+    from flaxpod.train.checkpoint import CHECKPOINTS, COMMIT_FILE
 
     return (run_dir / CHECKPOINTS / str(step) / COMMIT_FILE).exists()
 
@@ -104,7 +103,7 @@ class Comparison:
 
 def compare_runs(reference: Path, other: Path, *, from_step: int = 0) -> Comparison:
     """Metric rows after `from_step` and the final parameters, compared bit for bit."""
-    from train.checkpoint import restore_params
+    from flaxpod.train.checkpoint import restore_params
 
     result = Comparison()
     ref, oth = metric_rows(reference), metric_rows(other)

@@ -14,10 +14,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flaxpod.model.transformer import mlp_width
+from flaxpod.train.config import ModelConfig, OptimConfig
 from torch import nn
-
-from model.transformer import mlp_width
-from train.config import ModelConfig, OptimConfig
 
 
 class RMSNorm(nn.Module):

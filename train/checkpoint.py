@@ -44,10 +44,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flaxpod.model.errors import FlaxpodError, InputError
+from flaxpod.train.faults import EXIT_CHECKPOINT_WRITE
+from flaxpod.train.state import StateLayout, TrainState
 from jax.sharding import Mesh, SingleDeviceSharding
-
-from train.faults import EXIT_CHECKPOINT_WRITE
-from train.state import StateLayout, TrainState
 
 CHECKPOINTS = "checkpoints"
 UNUSABLE = "checkpoints_unusable"  # where unusable steps are moved, next to CHECKPOINTS
@@ -57,11 +57,11 @@ REQUIRED_ITEMS = (PARAMS,)  # params-only checkpoints (save_params) have no trai
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that was asked for is missing or unusable, or a run directory has none usable."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(FlaxpodError, OSError):
     """Writing a checkpoint failed (disk full, run directory not writable); earlier ones are intact."""
 
     exit_code = EXIT_CHECKPOINT_WRITE
@@ -469,7 +469,7 @@ def read_run_info(run_dir: str | Path, step: int | None = None) -> tuple[int, di
 
 def tokenizer_from_run_info(run_info: dict[str, Any]):
     """The tokenizer stored in a checkpoint's run item."""
-    from data.tokenizer import load_tokenizer
+    from flaxpod.data.tokenizer import load_tokenizer
 
     tok = run_info["tokenizer"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -490,11 +490,10 @@ def _param_target(run_info: dict[str, Any], target: Any) -> Any:
             f"got {type(target).__name__}"
         )
     from flax import nnx
-
-    from sharding.mesh import param_shardings
-    from sharding.rules import make_rules
-    from train.config import config_from_dict
-    from train.state import abstract_model
+    from flaxpod.sharding.mesh import param_shardings
+    from flaxpod.sharding.rules import make_rules
+    from flaxpod.train.config import config_from_dict
+    from flaxpod.train.state import abstract_model
 
     cfg = config_from_dict(run_info["config"])
     _, abstract = abstract_model(cfg.model)

@@ -2,55 +2,61 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
+from flaxpod.model.errors import FlaxpodError
+
 SUBCOMMANDS = {
-    "pretrain": ("train.pretrain", "main", "pretrain a model from a YAML config"),
-    "prepare": ("data.prepare", "main", "tokenize text into ArrayRecord shards for training"),
-    "tokenizer": ("data.prepare", "tokenizer_main", "train a SentencePiece tokenizer on text"),
+    "pretrain": ("flaxpod.train.pretrain", "main", "pretrain a model from a YAML config"),
+    "prepare": ("flaxpod.data.prepare", "main", "tokenize text into ArrayRecord shards for training"),
+    "tokenizer": ("flaxpod.data.prepare", "tokenizer_main", "train a SentencePiece tokenizer on text"),
     "evaluate": (
-        "train.evaluate",
+        "flaxpod.train.evaluate",
         "main",
         "loss, perplexity, bits per byte and multiple-choice accuracy of a checkpoint",
     ),
-    "generate": ("train.generate", "main", "sample text from a checkpoint (KV-cache decoding)"),
-    "export": ("tools.hf_export", "main", "write a checkpoint as a Hugging Face model directory or safetensors"),
-    "import-hf": ("tools.hf_import", "main", "turn a Hugging Face GPT-2/Llama directory into a run directory"),
-    "launch": ("sharding.launch", "main", "run a command as N JAX processes on this machine"),
+    "generate": ("flaxpod.train.generate", "main", "sample text from a checkpoint (KV-cache decoding)"),
+    "export": ("flaxpod.train.export", "main", "write a checkpoint as a Hugging Face model directory or safetensors"),
+    "import-hf": ("flaxpod.train.import_hf", "main", "turn a Hugging Face GPT-2/Llama directory into a run directory"),
+    "launch": ("flaxpod.sharding.launch", "main", "run a command as N JAX processes on this machine"),
     "config-reference": (
-        "train.cli",
+        "flaxpod.train.cli",
         "config_reference",
         "print every config key with its meaning",
     ),
 }
 
 
-def run_guarded(job: Callable[[], object]) -> int:
-    """Runs a job; a user error (bad config, data or path) becomes one line and exit code 2. A run
-    that ends early on purpose (train/faults.py: stop request, non-finite step, failed checkpoint
-    write) prints its message and exits with its own code."""
-    from train.checkpoint import CheckpointWriteError
-    from train.config import ConfigError
-    from train.faults import RunInterrupted
+DEBUG_ENV = "FLAXPOD_DEBUG"  # =1: let errors end in their traceback (for bug reports)
+# Errors of the standard library that only bad input raises here (a missing or unreadable path,
+# a value a parser refused): reported like a FlaxpodError, as one line and exit 2.
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
+
+def run_guarded(job: Callable[[], object]) -> int:
+    """Runs a job under the one error convention: a FlaxpodError (bad config, data or path; a run
+    stopped on purpose; a failed checkpoint write) prints one line and returns its `exit_code`.
+    With FLAXPOD_DEBUG=1 the error is raised with its traceback instead."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        job()
+        return 0
     try:
         job()
-    except RunInterrupted as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    except FlaxpodError as e:
+        print(e.one_line(), file=sys.stderr)
         return e.exit_code
-    except CheckpointWriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def config_reference(argv: list[str]) -> int:
-    from train.config import config_reference_markdown
+    from flaxpod.train.config import config_reference_markdown
 
     print(config_reference_markdown())
     return 0
@@ -69,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"error: unknown subcommand '{name}'{hint}\n{usage()}", file=sys.stderr)

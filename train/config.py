@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from flaxpod.model.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message names the key."""
+__all__ = ["ConfigError"]  # re-exported: config code raises it
 
 
 @dataclass

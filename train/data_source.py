@@ -13,12 +13,11 @@ from typing import Any
 
 import jax
 import numpy as np
-
-from data.pipeline import make_eval_batches, make_train_iterator, split_tokens, tokenize_corpus
-from data.prepared import load_dataset_metadata, make_packed_eval_batches, make_packed_train_iterator
-from data.text import read_corpus, resolve_text_paths
-from data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_char_tokenizer, train_sentencepiece
-from train.config import Config, ConfigError
+from flaxpod.data.pipeline import make_eval_batches, make_train_iterator, split_tokens, tokenize_corpus
+from flaxpod.data.prepared import load_dataset_metadata, make_packed_eval_batches, make_packed_train_iterator
+from flaxpod.data.text import read_corpus, resolve_text_paths
+from flaxpod.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_char_tokenizer, train_sentencepiece
+from flaxpod.train.config import Config, ConfigError
 
 
 @dataclass

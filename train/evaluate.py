@@ -81,12 +81,11 @@ class Scorer:
 
     def __init__(self, run, batch_size: int = DEFAULT_BATCH):
         import jax
+        from flaxpod.model.axes import activation_sharding
+        from flaxpod.sharding.mesh import batch_sharding
+        from flaxpod.sharding.rules import activation_resolver, make_rules
+        from flaxpod.train.step import forward, token_losses
         from jax.sharding import NamedSharding, PartitionSpec
-
-        from model.axes import activation_sharding
-        from sharding.mesh import batch_sharding
-        from sharding.rules import activation_resolver, make_rules
-        from train.step import forward, token_losses
 
         self.run = run
         rules = make_rules(run.cfg.mesh.rules, run.cfg.mesh.rule_overrides)
@@ -111,8 +110,7 @@ class Scorer:
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
         import jax
-
-        from sharding.mesh import put_batch
+        from flaxpod.sharding.mesh import put_batch
 
         n = len(inputs)
         out = np.zeros(n, np.float64)
@@ -300,9 +298,8 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Evaluates a checkpoint; returns {"step", "results": {task: metrics}} and writes it as JSON."""
     import jax
-
-    from data.text import read_corpus, resolve_text_paths
-    from train.run_dir import load_run
+    from flaxpod.data.text import read_corpus, resolve_text_paths
+    from flaxpod.train.run_dir import load_run
 
     if not texts and not mc and not val and not datasets:
         raise ValueError("nothing to evaluate: give --text PATH, --dataset DIR, --val or --mc JSONL")
@@ -346,9 +343,9 @@ def run_evaluate(
 def _validation_split(run) -> tuple[np.ndarray, int]:
     """The run's own held-out tokens, as in training: the validation split of its prepared
     datasets, or the last data.val_fraction of its text."""
-    from data.pipeline import split_tokens, tokenize_corpus
-    from data.text import read_corpus, resolve_text_paths
-    from train.data_source import data_paths, is_prepared, truncate_documents
+    from flaxpod.data.pipeline import split_tokens, tokenize_corpus
+    from flaxpod.data.text import read_corpus, resolve_text_paths
+    from flaxpod.train.data_source import data_paths, is_prepared, truncate_documents
 
     cfg = run.cfg
     paths = data_paths(cfg)
@@ -367,7 +364,7 @@ def _validation_split(run) -> tuple[np.ndarray, int]:
 
 def prepared_tokens(dataset_dir: str, tokenizer) -> list[np.ndarray]:
     """The validation documents of a prepared dataset, refusing one made with another tokenizer."""
-    from data.prepared import load_dataset_metadata, read_split_documents
+    from flaxpod.data.prepared import load_dataset_metadata, read_split_documents
 
     meta = load_dataset_metadata(dataset_dir)
     expected = meta["tokenizer"]["fingerprint"]
@@ -393,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="window for text metrics (default model.seq_len)")
     args = parser.parse_args(argv)
 
-    from sharding.distributed import initialize_from_env
+    from flaxpod.sharding.distributed import initialize_from_env
 
     initialize_from_env()
-    from train.cli import run_guarded
+    from flaxpod.train.cli import run_guarded
 
     return run_guarded(
         lambda: run_evaluate(

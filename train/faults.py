@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flaxpod.model.errors import FlaxpodError
 
 EXIT_NONFINITE = 3
 """Stopped on a non-finite loss or gradient (train.nonfinite=stop); the last checkpoint is good."""
@@ -42,10 +43,13 @@ resume. 75 is EX_TEMPFAIL, "try again later", which schedulers can treat as requ
 SAVE_NOW_FILE = "SAVE_NOW"
 
 
-class RunInterrupted(Exception):
+class RunInterrupted(FlaxpodError):
     """The run ended early on purpose; `exit_code` says why (the message says what to do)."""
 
     exit_code = 1
+
+    def one_line(self) -> str:  # the kind of stop is what schedulers' logs are searched for
+        return f"{type(self).__name__}: {self}"
 
 
 class StopRequested(RunInterrupted):

@@ -42,8 +42,7 @@ def generate_texts(
     """Continuations of `prompts` from a loaded run (train.run_dir.load_run)."""
     import jax
     import numpy as np
-
-    from model.decode import Sampling, check_lengths, left_pad, make_generate
+    from flaxpod.model.decode import Sampling, check_lengths, left_pad, make_generate
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     tok = run.tokenizer
@@ -90,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = parser.parse_args(argv)
 
-    from train.cli import run_guarded
+    from flaxpod.train.cli import run_guarded
 
     def job() -> None:
-        from train.run_dir import load_run
+        from flaxpod.train.run_dir import load_run
 
         prompts = read_prompts(args.prompt, args.prompts_file)
         if args.batch_size <= 0:

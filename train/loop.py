@@ -13,21 +13,20 @@ from typing import Any
 
 import jax
 import yaml
-
-from data.tokenizer import Tokenizer, has_tokenizer
-from model.axes import activation_sharding
-from model.transformer import count_params
-from sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
-from sharding.rules import activation_resolver, make_rules
-from train.checkpoint import Checkpointer, make_run_info
-from train.config import Config, ConfigError, check_against_devices, save_config, to_dict
-from train.data_source import load_run_data
-from train.faults import NonFiniteWatch, RunControl, StopRequested
-from train.flops import flops_per_token, peak_flops_per_device
-from train.metrics import MetricsWriter, Progress, format_duration
-from train.optimizer import make_optimizer
-from train.state import init_state, make_layout
-from train.step import compile_train_step, make_eval_step, make_train_step
+from flaxpod.data.tokenizer import Tokenizer, has_tokenizer
+from flaxpod.model.axes import activation_sharding
+from flaxpod.model.transformer import count_params
+from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
+from flaxpod.sharding.rules import activation_resolver, make_rules
+from flaxpod.train.checkpoint import Checkpointer, make_run_info
+from flaxpod.train.config import Config, ConfigError, check_against_devices, save_config, to_dict
+from flaxpod.train.data_source import load_run_data
+from flaxpod.train.faults import NonFiniteWatch, RunControl, StopRequested
+from flaxpod.train.flops import flops_per_token, peak_flops_per_device
+from flaxpod.train.metrics import MetricsWriter, Progress, format_duration
+from flaxpod.train.optimizer import make_optimizer
+from flaxpod.train.state import init_state, make_layout
+from flaxpod.train.step import compile_train_step, make_eval_step, make_train_step
 
 VOCAB_MULTIPLE = 64  # embedding rows rounded up so vocab splits evenly over tensor axes
 

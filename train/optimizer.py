@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import jax
 import optax
-
-from train.config import OptimConfig
+from flaxpod.train.config import OptimConfig
 
 
 def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sharding.distributed import initialize_from_env
+from flaxpod.sharding.distributed import initialize_from_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     initialize_from_env()  # before anything touches a device
 
-    from train.cli import run_guarded
-    from train.config import load_config
-    from train.loop import run_pretraining
+    from flaxpod.train.cli import run_guarded
+    from flaxpod.train.config import load_config
+    from flaxpod.train.loop import run_pretraining
 
     return run_guarded(lambda: run_pretraining(load_config(args.config, args.overrides)))
 

@@ -15,15 +15,14 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from flaxpod.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+from flaxpod.sharding.mesh import build_mesh, param_shardings
+from flaxpod.sharding.rules import make_rules
+from flaxpod.train import checkpoint
+from flaxpod.train.checkpoint import committed_steps
+from flaxpod.train.config import Config, load_config, save_config, to_dict
+from flaxpod.train.state import abstract_model
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
-from sharding.mesh import build_mesh, param_shardings
-from sharding.rules import make_rules
-from train import checkpoint
-from train.checkpoint import committed_steps
-from train.config import Config, load_config, save_config, to_dict
-from train.state import abstract_model
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -94,7 +93,7 @@ def load_run_tokenizer(run_dir: str | Path, cfg: Config) -> Tokenizer:
 def default_mesh(cfg: Config) -> Mesh:
     """All devices, laid out as the run's mesh config asks when the device count allows it,
     else as one data-parallel axis (parameters replicated)."""
-    from train.config import ConfigError, resolve_mesh_shape
+    from flaxpod.train.config import ConfigError, resolve_mesh_shape
 
     try:
         shape = resolve_mesh_shape(cfg.mesh, jax.device_count())

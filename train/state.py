@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flaxpod.model.transformer import Transformer
+from flaxpod.sharding.mesh import param_shardings, tree_shardings_like
+from flaxpod.sharding.rules import Rules
+from flaxpod.train.config import ModelConfig
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from model.transformer import Transformer
-from sharding.mesh import param_shardings, tree_shardings_like
-from sharding.rules import Rules
-from train.config import ModelConfig
 
 # state = {"params": pure dict, "opt_state": optax state, "step": int32[], "rng": uint32[2],
 #          "skipped_steps": int32[] (steps whose non-finite update was not applied)}

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-
-from train.state import StateLayout, TrainState
+from flaxpod.train.state import StateLayout, TrainState
 
 Batch = dict[str, jax.Array]
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from train.config import ModelConfig
+from flaxpod.train.config import ModelConfig
 
 GPT2_ARCH, LLAMA_ARCH = "GPT2LMHeadModel", "LlamaForCausalLM"
 SUPPORTED = {"gpt2": GPT2_ARCH, "llama": LLAMA_ARCH}
@@ -22,7 +21,7 @@ GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def _mlp_width(cfg: ModelConfig) -> int:
-    from model.transformer import mlp_width
+    from flaxpod.model.transformer import mlp_width
 
     return mlp_width(cfg)
 

@@ -51,11 +51,11 @@ def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
 
 def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Writes a params-only run directory for a Hugging Face model directory; returns it."""
-    from data.tokenizer import load_tokenizer
-    from tools.hf_tokenizer import read_hf_tokenizer
-    from tools.hf_weights import drop_zero_biases, from_hf, model_config_from_hf
-    from train.config import Config, TokenizerConfig
-    from train.run_dir import write_params_run
+    from flaxpod.data.hf_tokenizer import read_hf_tokenizer
+    from flaxpod.data.tokenizer import load_tokenizer
+    from flaxpod.model.hf_weights import drop_zero_biases, from_hf, model_config_from_hf
+    from flaxpod.train.config import Config, TokenizerConfig
+    from flaxpod.train.run_dir import write_params_run
 
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="flaxpod tokenizer directory to use instead of HF_DIR's")
     args = parser.parse_args(argv)
 
-    from train.cli import run_guarded
+    from flaxpod.train.cli import run_guarded
 
     def job() -> None:
         run_dir = import_hf(args.hf_dir, args.out, args.tokenizer)

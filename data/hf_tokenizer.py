@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer
+from flaxpod.data.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer
 
 CHAR_SPLIT = r"[\s\S]"
 

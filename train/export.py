@@ -74,8 +74,8 @@ def export_hf(
     params: dict, cfg, tokenizer, out: Path, *, dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> list[str]:
     """Writes a Hugging Face model directory for host (numpy) `params`; returns the files written."""
-    from tools.hf_tokenizer import write_hf_tokenizer
-    from tools.hf_weights import check_exportable, hf_config, to_hf
+    from flaxpod.data.hf_tokenizer import write_hf_tokenizer
+    from flaxpod.model.hf_weights import check_exportable, hf_config, to_hf
 
     m = cfg.model
     check_exportable(m)
@@ -96,9 +96,8 @@ def export_hf(
 
 def export_plain(params: dict, run_dir: Path, out: Path, *, dtype: str = "float32") -> list[str]:
     """Our parameter tree as one safetensors file, with the run's config and tokenizer."""
+    from flaxpod.model.hf_weights import flatten
     from safetensors.numpy import save_file
-
-    from tools.hf_weights import flatten
 
     _prepare_out(out)
     tensors = {k: v.astype(DTYPES[dtype]) for k, v in flatten(params).items()}
@@ -118,7 +117,7 @@ def run_export(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> list[str]:
     """Restores a run's parameters (latest or `step`) and exports them."""
-    from train.run_dir import host_params, load_run, single_device_mesh
+    from flaxpod.train.run_dir import host_params, load_run, single_device_mesh
 
     if fmt not in ("hf", "safetensors"):
         raise ValueError(f"--format: expected hf or safetensors, got {fmt!r}")
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (hf format)")
     args = parser.parse_args(argv)
 
-    from train.cli import run_guarded
+    from flaxpod.train.cli import run_guarded
 
     return run_guarded(
         lambda: run_export(
