@@ -39,30 +39,6 @@ def _path_names(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
 
 
-def tree_shardings_like(tree: Any, params_shardings: dict, params_shapes: dict, mesh: Mesh) -> Any:
-    """Shardings for a tree that contains parameter-shaped copies (optimizer moments): a leaf
-    whose key path ends with a parameter's path and has its shape gets that parameter's
-    sharding; everything else (counts, scalars) is replicated."""
-    by_path = {}
-    for (path, sh), (_, shape) in zip(
-        jax.tree_util.tree_flatten_with_path(params_shardings)[0],
-        jax.tree_util.tree_flatten_with_path(params_shapes)[0],
-        strict=True,
-    ):
-        by_path[_path_names(path)] = (sh, tuple(shape.shape))
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(path, leaf):
-        names = _path_names(path)
-        for start in range(len(names)):
-            hit = by_path.get(names[start:])
-            if hit and hit[1] == tuple(getattr(leaf, "shape", ())):
-                return hit[0]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
-
-
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of [batch, length] arrays: rows split over the batch axes of the rules."""
     from flaxpod.model.axes import BATCH, LENGTH
@@ -71,8 +47,16 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays (each process passes only its own rows)."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    """This process's rows -> global arrays (each process passes only its own rows). `sharding` is
+    that of [batch, length] arrays; per-row arrays ([batch], e.g. class labels) split their rows the
+    same way."""
+    per_row = NamedSharding(sharding.mesh, PartitionSpec(sharding.spec[0] if sharding.spec else None))
+
+    def put(value) -> jax.Array:
+        value = np.asarray(value)
+        return jax.make_array_from_process_local_data(per_row if value.ndim == 1 else sharding, value)
+
+    return {k: put(v) for k, v in batch.items()}
 
 
 def sharding_table(params_shapes: dict, params_shardings: dict) -> str:

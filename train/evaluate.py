@@ -84,7 +84,7 @@ class Scorer:
         from flaxpod.model.axes import activation_sharding
         from flaxpod.sharding.mesh import batch_sharding
         from flaxpod.sharding.rules import activation_resolver, make_rules
-        from flaxpod.train.step import forward, token_losses
+        from flaxpod.train.objectives import forward, token_losses
         from jax.sharding import NamedSharding, PartitionSpec
 
         self.run = run
