@@ -390,8 +390,8 @@ def _encode(
         max_tokens = max(max_tokens, full)
         if full > seq_len:
             truncated += 1
-        # Keep the start: a label is usually decided by how a text begins, and EOS (when
-        # asked for) stays the last token, where last-token pooling reads.
+        # Keep the start (right-side truncation, as Hugging Face tokenizers do by default);
+        # EOS, when asked for, stays the last token, where last-token pooling reads.
         row = ids[: seq_len - len(eos)] + eos
         kept.append(np.asarray(row, np.int32))
         lengths[i] = len(row)
@@ -460,22 +460,38 @@ def make_classify_train_iterator(
     return iter(ds.to_iter_dataset(read))
 
 
+class EvalBatches(Sequence[Batch]):
+    """This process's evaluation batches, built when indexed (a test set is never held as
+    padded arrays all at once)."""
+
+    def __init__(self, encoded: EncodedExamples, rows: np.ndarray):
+        self._encoded, self._rows = encoded, rows  # rows: [batches, local batch] example indices
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, k):  # an int or a slice, as Sequence asks
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
+        return rows_to_batch(self._encoded, self._rows[k])
+
+
 def make_classify_eval_batches(
     encoded: EncodedExamples,
     *,
     global_batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> list[Batch]:
+) -> EvalBatches:
     """This process's rows of every global batch over all examples, in file order.
 
     ceil(n / global_batch_size) batches on every process; the last global batch is padded
     with empty rows (segment_ids 0, labels -1, index -1), so each example is in exactly one
-    row of one process. Process p holds rows p, p + P, ... of each global batch.
+    row of one process. Process p holds rows p, p + P, ... of each global batch. Iterate it
+    as often as needed; each batch is built when read.
     """
     local_batch_size(global_batch_size, process_index, process_count)
     n_batches = max(1, math.ceil(len(encoded) / global_batch_size))
     order = np.full(n_batches * global_batch_size, -1, np.int64)
     order[: len(encoded)] = np.arange(len(encoded))
-    mine = order.reshape(n_batches, global_batch_size)[:, process_index::process_count]
-    return [rows_to_batch(encoded, indices) for indices in mine]
+    return EvalBatches(encoded, order.reshape(n_batches, global_batch_size)[:, process_index::process_count])

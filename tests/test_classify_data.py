@@ -222,6 +222,10 @@ def test_eval_batch_layout_exactly(char_tok):
     np.testing.assert_array_equal(last["positions"], [[0, 1, 2, 3], [0, 0, 0, 0]])
     np.testing.assert_array_equal(last["labels"], [1, -1])
     np.testing.assert_array_equal(last["index"], [2, -1])
+    # A sequence read as often as needed: indexing, negative indices, slices, iteration again.
+    np.testing.assert_array_equal(batches[-1]["inputs"], last["inputs"])
+    assert [b["index"].tolist() for b in batches[0:2]] == [[0, 1], [2, -1]]
+    assert [b["index"].tolist() for b in batches] == [[0, 1], [2, -1]]
 
 
 @pytest.mark.parametrize(("n", "global_batch", "processes"), [(10, 4, 1), (10, 4, 2), (7, 8, 4), (8, 4, 2)])
