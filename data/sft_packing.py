@@ -14,11 +14,11 @@ are emitted and it opens a fresh set. These are exactly the rows of grain's
 `FirstFitPackIterDataset(num_packing_bins=bins, shuffle_bins=False)` (tests check it row for row).
 
 Why not that class itself (its state does restore exactly through JSON, tests check that too):
-it spends about 0.4-1.3 ms of Python per example (measured on this project's shared 2-core
-machine), and for a process's rows to be a slice of the one global batch (what the trainer and
-the multi-process tests need), every process would have to pack every row. Here only the plan,
-from lengths, is computed everywhere (a few microseconds per example); each process then copies
-the tokens of its own rows only, and the iterator's state is two integers.
+it spends about 1.2-1.5 ms of Python per example (measured on this project's shared 2-core
+machine at a load of ~6), and for a process's rows to be a slice of the one global batch (so
+that the batch does not depend on the process count), every process would have to pack every
+row. Here only the plan, from lengths, is made everywhere (about 9 us per example at the same
+load); each process then copies the tokens of its own rows only, and the state is two integers.
 """
 
 from __future__ import annotations
@@ -165,8 +165,9 @@ class SFTTrainIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, int]) -> None:
         epoch, row = state["epoch"], state["row"]
-        if not (isinstance(epoch, int) and isinstance(row, int) and epoch >= 0 and row >= 0):
+        if not (isinstance(epoch, (int, np.integer)) and isinstance(row, (int, np.integer)) and min(epoch, row) >= 0):
             raise ValueError(f"SFT iterator state: expected non-negative integers epoch and row, got {state}")
+        epoch, row = int(epoch), int(row)
         if row >= len(self.epoch_rows(epoch)):
             raise ValueError(f"SFT iterator state {state}: epoch {epoch} has {len(self.epoch_rows(epoch))} rows")
         self._epoch, self._row = epoch, row

@@ -189,8 +189,9 @@ def test_truncation_cuts_prompt_from_left_or_drops_and_counts(tmp_path):
     records = [
         {"prompt": "abc", "response": "xy"},  # 3 + 1 + 2 + EOS = 7 tokens: fits seq_len 6
         {"prompt": "abcdefgh", "response": "xy"},  # 12 tokens: prompt cut to its last 4 ("fgh>")
-        {"prompt": "a", "response": "wxyzuvw"},  # response + EOS = 8 > 6: dropped
+        {"prompt": "a", "response": "uvwxyz"},  # response + EOS + 1 token before = 8 > 7: dropped
         {"prompt": "", "response": "uvwxy"},  # ">uvwxy" + EOS = 7: fits exactly
+        {"prompt": "abcdef", "response": "vwxyz"},  # response + EOS + 1 token before = 7: just kept
     ]
     examples = load_sft_examples(write_jsonl(tmp_path / "d.jsonl", records), fmt)
     tokenized, stats = tokenize_examples(examples, ByteTokenizer(), seq_len=6)
@@ -198,10 +199,12 @@ def test_truncation_cuts_prompt_from_left_or_drops_and_counts(tmp_path):
         ids("abc>xy") + [EOS],
         ids("fgh>xy") + [EOS],
         ids(">uvwxy") + [EOS],
+        ids(">vwxyz") + [EOS],
     ]
-    assert [t.loss_mask.tolist() for t in tokenized] == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
-    assert (stats.examples, stats.kept, stats.truncated, stats.dropped, stats.longest) == (4, 3, 1, 1, 12)
-    assert stats.tokens == 21 and stats.loss_tokens == 12
+    masks = [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert [t.loss_mask.tolist() for t in tokenized] == masks
+    assert (stats.examples, stats.kept, stats.truncated, stats.dropped, stats.longest) == (5, 4, 2, 1, 13)
+    assert stats.tokens == 28 and stats.loss_tokens == 18
 
 
 def test_truncated_chat_keeps_whole_last_reply(tmp_path):
@@ -481,6 +484,21 @@ def test_missing_and_non_utf8_files(tmp_path):
         load_sft_examples(tmp_path / "b.jsonl")
     with pytest.raises(InputError, match="no examples"):
         tokenize_examples([], ByteTokenizer(), seq_len=8)
+
+
+class AsciiTokenizer(ByteTokenizer):
+    """Refuses non-ASCII text, as the char tokenizer refuses characters outside its vocabulary."""
+
+    def encode(self, text: str) -> list[int]:
+        if not text.isascii():
+            raise ValueError("not ASCII")
+        return super().encode(text)
+
+
+def test_text_the_tokenizer_cannot_encode_names_the_example(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": "é"}])
+    with pytest.raises(InputError, match=r"d.jsonl:2: the tokenizer cannot encode this example: not ASCII"):
+        tokenize_examples(load_sft_examples(path), AsciiTokenizer(), seq_len=8)
 
 
 def test_bad_format_templates():
