@@ -13,7 +13,8 @@ Roles are system, user and assistant; each message is rendered by its role's tem
 The loss covers assistant contents only: in the assistant template, the text before `{content}`
 is prompt (no loss), the content is response (loss) and is followed by the EOS token (loss), and
 the text after `{content}` comes after that EOS, as prompt. A chat needs an assistant message;
-messages after the last one are left out (they would be context for nothing).
+whatever follows the last assistant content and its EOS (template text, later messages) is left
+out, as it would be context for nothing.
 
 Prompt/response: `{"prompt": "...", "response": "..."}` (keys `prompt_field`, `response_field`),
 rendered as `prompt_template` with `{prompt}` replaced, then the response, then EOS:
