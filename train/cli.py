@@ -12,6 +12,7 @@ from flaxpod.model.errors import FlaxpodError
 
 SUBCOMMANDS = {
     "pretrain": ("flaxpod.train.pretrain", "main", "pretrain a model from a YAML config"),
+    "finetune": ("flaxpod.train.finetune", "main", "finetune a pretrained run on a task (sft, classify)"),
     "prepare": ("flaxpod.data.prepare", "main", "tokenize text into ArrayRecord shards for training"),
     "tokenizer": ("flaxpod.data.prepare", "tokenizer_main", "train a SentencePiece tokenizer on text"),
     "evaluate": (

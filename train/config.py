@@ -62,6 +62,10 @@ class ModelConfig:
     """Run the blocks with lax.scan over stacked parameters (fast compile) instead of a Python loop."""
     init_std: float = 0.02
     """Standard deviation of weight initialization (output projections are scaled by 1/sqrt(2*n_layer))."""
+    num_labels: int = 0
+    """Classes of a sequence-classification head (`finetune.task=classify` sets it from the labels); 0: none."""
+    pooling: str = "last"
+    """How the classification head pools a row: `last` token (causal models), `mean` over tokens, or `first`."""
 
 
 @dataclass
@@ -91,6 +95,26 @@ class DataConfig:
     """Read at most this many bytes of text (0: all); keeps quick runs quick."""
     weights: list[float] = field(default_factory=list)
     """Mixture weights when `path` lists several prepared datasets (comma-separated); empty means equal."""
+    val_path: str = ""
+    """Finetuning: the validation file (same format as `path`); empty holds out `val_fraction` of `path`'s examples."""
+    text_field: str = "text"
+    """Finetuning, classify: the column (CSV/TSV) or field (JSONL) holding the text."""
+    label_field: str = "label"
+    """Finetuning, classify: the column or field holding the label."""
+    prompt_field: str = "prompt"
+    """Finetuning, sft: the JSONL field holding the prompt (e.g. `instruction`, `question`)."""
+    response_field: str = "response"
+    """Finetuning, sft: the field holding the response; a list of {input, output} instances is expanded."""
+    messages_field: str = "messages"
+    """Finetuning, sft: the field holding a chat, a list of {role, content} (roles system, user, assistant)."""
+    prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    """Finetuning, sft: how a prompt is rendered before its response ({prompt} is replaced)."""
+    system_template: str = "<|system|>\n{content}\n"
+    """Finetuning, sft: rendering of a chat's system message."""
+    user_template: str = "<|user|>\n{content}\n"
+    """Finetuning, sft: rendering of a chat's user message."""
+    assistant_template: str = "<|assistant|>\n{content}\n"
+    """Finetuning, sft: rendering of an assistant message; only {content} and the EOS after it carry loss."""
 
 
 @dataclass
@@ -178,6 +202,28 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    task: str = "sft"
+    """`sft` (instruction/chat tuning, loss on responses only) or `classify` (sequence classification head)."""
+    base: str = ""
+    """Run directory of the model to start from: a flaxpod pretraining run or an `import-hf` directory."""
+    base_step: int = -1
+    """Checkpoint step of the base; -1 means its newest usable one (the resolved step is saved in config.yaml)."""
+    init: str = "pretrained"
+    """`pretrained` (the base's weights) or `random` (the base's architecture and tokenizer, fresh weights)."""
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multiplier per parameter group (`embed`, `blocks`, `head`, `task_head`), e.g. {embed: 0.1}."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter groups that do not train (no optimizer state), e.g. [embed] or embed,blocks."""
+    class_weights: bool = False
+    """Classify: weight the loss by inverse class frequency of the training labels (sklearn's `balanced`)."""
+    early_stop_metric: str = ""
+    """Validation metric to keep the best step by and stop on (e.g. `val_macro_f1`, `val_loss`); empty: none."""
+    patience: int = 0
+    """Evaluations without improvement of early_stop_metric before training stops; 0 never stops early."""
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     """Output directory: config.yaml, tokenizer, checkpoints/, tensorboard/, metrics.jsonl. Re-running resumes."""
@@ -191,6 +237,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -202,11 +249,14 @@ CHOICES = {
     "model.attention": ("einsum", "fused"),
     "model.attention_impl": ("xla", "cudnn"),
     "model.remat": ("none", "full", "dots"),
+    "model.pooling": ("last", "mean", "first"),
     "tokenizer.kind": ("char", "sentencepiece"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "train.nonfinite": ("skip", "stop"),
+    "finetune.task": ("sft", "classify"),
+    "finetune.init": ("pretrained", "random"),
 }
 
 POSITIVE = (
@@ -394,6 +444,23 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Reads a YAML config (yaml.safe_load only), applies `key.sub=value` overrides, validates."""
+    return _build(Config, load_raw(path, overrides))
+
+
+def explicit_keys(path: str | Path | None, overrides: list[str] = ()) -> set[str]:
+    """The dotted keys a YAML config and its overrides set explicitly (finetuning refuses explicit
+    changes to the base model's shape, whatever the defaults are)."""
+    keys = set()
+    for key, value in load_raw(path, overrides).items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(_field_types(Config).get(key)):
+            keys |= {f"{key}.{sub}" for sub in value}
+        else:
+            keys.add(str(key))
+    return keys
+
+
+def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The nested dict of a YAML config with its overrides applied, not yet checked."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -409,7 +476,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
-    return _build(Config, raw)
+    return raw
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
