@@ -20,6 +20,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from flaxpod.data.classify import LABELS_FILE, load_labels
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -70,10 +71,37 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+SEQUENCE_CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+
+
+def classifier_head(tensors: dict, config: dict, params: dict, cfg, labels: list[str]) -> None:
+    """Turns a causal-LM export into Hugging Face's ...ForSequenceClassification: `score.weight` is our
+    bias-free head, and transformers pools the last non-padding token as `model.pooling=last` does
+    (our rows append EOS before pooling when the tokenizer has one: feed transformers the same ids)."""
+    if cfg.model.pooling != "last":
+        raise ValueError(
+            f"model.pooling={cfg.model.pooling!r}: transformers' sequence classifiers pool the last token; "
+            f"export this run with --format safetensors"
+        )
+    tensors.pop("lm_head.weight", None)
+    tensors["score.weight"] = np.ascontiguousarray(np.asarray(params["cls_head"], np.float32).T)
+    config["architectures"] = [SEQUENCE_CLASSIFIERS[cfg.model.family]]
+    config["id2label"] = dict(enumerate(labels))
+    config["label2id"] = {label: i for i, label in enumerate(labels)}
+
+
 def export_hf(
-    params: dict, cfg, tokenizer, out: Path, *, dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    params: dict,
+    cfg,
+    tokenizer,
+    out: Path,
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    labels: list[str] | None = None,
 ) -> list[str]:
-    """Writes a Hugging Face model directory for host (numpy) `params`; returns the files written."""
+    """Writes a Hugging Face model directory for host (numpy) `params` (a classification run, with its
+    `labels`, as ...ForSequenceClassification); returns the files written."""
     from flaxpod.data.hf_tokenizer import write_hf_tokenizer
     from flaxpod.model.hf_weights import check_exportable, hf_config, to_hf
 
@@ -82,9 +110,12 @@ def export_hf(
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size={m.vocab_size}")
     _prepare_out(out)
-    tensors = {k: v.astype(DTYPES[dtype]) for k, v in to_hf(params, m).items()}
+    tensors = to_hf(params, m)
     eos, bos, pad = tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id
     config = hf_config(m, bos_id=bos, eos_id=eos, pad_id=pad, dtype=dtype)
+    if m.num_labels:
+        classifier_head(tensors, config, params, cfg, labels or [str(i) for i in range(m.num_labels)])
+    tensors = {k: v.astype(DTYPES[dtype]) for k, v in tensors.items()}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -104,7 +135,11 @@ def export_plain(params: dict, run_dir: Path, out: Path, *, dtype: str = "float3
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "flaxpod"})
     shutil.copy(run_dir / "config.yaml", out / "config.yaml")
     shutil.copytree(run_dir / "tokenizer", out / "tokenizer")
-    return ["model.safetensors", "config.yaml", "tokenizer/"]
+    files = ["model.safetensors", "config.yaml", "tokenizer/"]
+    if (run_dir / LABELS_FILE).is_file():  # a classification run: the head's classes, in order
+        shutil.copy(run_dir / LABELS_FILE, out / LABELS_FILE)
+        files.append(LABELS_FILE)
+    return files
 
 
 def run_export(
@@ -127,7 +162,10 @@ def run_export(
     params = host_params(run.params)
     out = Path(out)
     if fmt == "hf":
-        files = export_hf(params, run.cfg, run.tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        labels = load_labels(Path(run_dir) / LABELS_FILE) if run.cfg.model.num_labels else None
+        files = export_hf(
+            params, run.cfg, run.tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes, labels=labels
+        )
     else:
         files = export_plain(params, Path(run_dir), out, dtype=dtype)
     print(f"exported step {run.step} of {run_dir} ({run.cfg.model.family}, {dtype}) to {out}: {', '.join(files)}")
