@@ -82,7 +82,7 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
         save_config(cfg, run_dir / "config.yaml")
     log(f"data: {data.description}")
 
-    mesh = build_mesh(*mesh_shape)
+    mesh = build_mesh(*mesh_shape, dcn_data=cfg.mesh.dcn_data, dcn_fsdp=cfg.mesh.dcn_fsdp)
     rules = make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     layout = make_layout(cfg.model, tx, mesh, rules)
