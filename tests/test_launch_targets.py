@@ -255,3 +255,24 @@ def test_sbatch_script_runs_one_task_per_gpu_under_srun(tmp_path, capsys):
     assert srun["env"] == {"FLAXPOD_AUTO_DISTRIBUTED": "1"}
     shipped = load_config(config)
     assert (shipped.mesh.data, shipped.mesh.dcn_data, shipped.run_dir) == (4, 4, str(run_dir))
+
+
+# --- the examples in docs/launch ---------------------------------------------------------------
+
+
+@pytest.mark.slow  # three `flaxpod` processes, each importing jax
+def test_docs_examples_are_what_the_generator_writes(tmp_path):
+    examples = REPO / "docs" / "launch"
+    (tmp_path / "docs" / "launch").mkdir(parents=True)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "llama_8b.yaml").write_text(Path(LLAMA_8B).read_text())
+    script = tmp_path / "docs" / "launch" / "regenerate.sh"
+    script.write_text((examples / "regenerate.sh").read_text())
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    written = sorted(p.relative_to(tmp_path / "docs" / "launch") for p in (tmp_path / "docs" / "launch").rglob("*.*"))
+    kept = sorted(p.relative_to(examples) for p in examples.rglob("*.*"))
+    assert written == kept
+    for name in written:
+        assert (tmp_path / "docs" / "launch" / name).read_text() == (examples / name).read_text(), name

@@ -43,7 +43,8 @@ def sbatch_script(job: Job, target: SlurmTarget, packages: list[str], entry: str
         f"--ntasks-per-node={pod.processes_per_host}",
         f"--gpus-per-node={pod.devices_per_host}",
         "--exclusive",
-        f"--output={job.run_dir}/logs/slurm-%j.out",
+        # In the submit directory: SLURM opens it before the script can create run_dir/logs.
+        "--output=flaxpod-%j.out",
     ]
     if target.cpus_per_task:
         options.append(f"--cpus-per-task={target.cpus_per_task}")
@@ -59,7 +60,7 @@ def sbatch_script(job: Job, target: SlurmTarget, packages: list[str], entry: str
 # SLURM: {pod.describe()}.
 # mesh {job.mesh_line()}; {job.rows_per_process} rows per process and step; run_dir {job.run_dir}
 # Submit: sbatch job.sbatch   Stop (checkpoints first): scancel --signal=TERM --full JOBID
-# Re-submitting resumes from the latest checkpoint in run_dir. Logs: {job.run_dir}/logs/
+# Re-submitting resumes from the latest checkpoint in run_dir. Logs: {job.run_dir}/logs/JOBID-taskN.log
 #
 # One task per GPU and --gpus-per-node, not --gpus-per-task: JAX's SLURM detection gives task
 # SLURM_LOCALID the GPU of that number, which must be visible to it. flaxpod runs only under srun:
@@ -68,8 +69,8 @@ set -euo pipefail
 unset {NUM_PROCESSES_ENV} {PROCESS_ID_ENV} {COORDINATOR_ADDRESS_ENV}
 mkdir -p {job.run_dir}/logs {job.run_dir}/launch
 
-# Install once per job, on this node, into the shared venv (pinned versions).
-[ -x {target.venv}/bin/pip ] || python3 -m venv {target.venv}
+# Install once per job, on this node, into the shared venv (pinned versions; Python >= 3.11).
+[ -x {target.venv}/bin/pip ] || "${{PYTHON:-python3}}" -m venv {target.venv}
 {target.venv}/bin/pip install -q {shell_join(packages)}
 
 {heredoc(config, resolved_config_yaml(job))}
