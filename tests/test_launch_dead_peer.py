@@ -121,3 +121,23 @@ def test_without_a_launcher_the_heartbeat_timeout_aborts_the_survivor(tmp_path):
     print(f"survivor: exit {procs[0].returncode} {took:.1f} s after SIGKILL of process 1")
     assert procs[0].returncode not in (0, None)
     assert took < HEARTBEAT_S + SLACK_S
+
+
+def test_heartbeat_timeout_reaches_jax_only_when_set(monkeypatch):
+    import jax
+    from flaxpod.sharding import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    for name in ("FLAXPOD_NUM_PROCESSES", "FLAXPOD_PROCESS_ID", "FLAXPOD_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLAXPOD_AUTO_DISTRIBUTED", "1")
+    monkeypatch.delenv("FLAXPOD_HEARTBEAT_TIMEOUT_S", raising=False)
+    distributed.initialize_from_env()
+    monkeypatch.setenv("FLAXPOD_HEARTBEAT_TIMEOUT_S", "7")
+    distributed.initialize_from_env()
+    assert calls == [{}, {"heartbeat_timeout_seconds": 7}]
+    monkeypatch.setenv("FLAXPOD_HEARTBEAT_TIMEOUT_S", "0")
+    with pytest.raises(ValueError, match="FLAXPOD_HEARTBEAT_TIMEOUT_S must be an integer >= 1, got '0'"):
+        distributed.initialize_from_env()

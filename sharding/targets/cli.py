@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG} --target {{{','.join(TARGETS)}}}", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--target", choices=TARGETS, required=True)
     p.add_argument("config", help="the run's YAML config")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for pretrain")
