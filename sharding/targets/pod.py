@@ -65,11 +65,6 @@ class Job:
     def run_dir(self) -> str:
         return self.cfg.run_dir
 
-    @property
-    def bucket(self) -> str | None:
-        """The bucket holding the run directory, if any."""
-        return _bucket_of(self.cfg.run_dir)
-
     def mesh_line(self) -> str:
         data, fsdp, tensor = self.mesh_shape
         m = self.cfg.mesh
@@ -111,11 +106,6 @@ def check_job(pod: Pod, cfg: Config, allow_gcs: bool = True) -> Job:
         tokenizer=replace(cfg.tokenizer, path=tokenizer_path),
     )
     return Job(pod, on_every_host, mesh_shape, micro // pod.processes, tuple(sorted(buckets)))
-
-
-def _bucket_of(path: str) -> str | None:
-    prefix = GCS_MOUNT_ROOT + "/"
-    return path[len(prefix) :].split("/")[0] if path.startswith(prefix) else None
 
 
 def _shared_path(key: str, path: str, hosts: int, allow_gcs: bool, buckets: set[str]) -> str:
