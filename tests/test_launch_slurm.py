@@ -23,9 +23,9 @@ SLURM_PORT_BASE = 65535 - 2**12 + 1
 
 def free_slurm_port() -> int:
     for port in random.Random(os.getpid()).sample(range(SLURM_PORT_BASE, 65536), 200):
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
-                sock.bind(("::", port))  # the coordinator binds [::]:port
+                sock.bind(("0.0.0.0", port))  # the coordinator listens on every address
             except OSError:
                 continue
             return port
