@@ -125,6 +125,11 @@ class MeshConfig:
     """Fully-sharded data-parallel axis size (parameters and optimizer state sharded, batch split)."""
     tensor: int = 1
     """Tensor-parallel axis size (heads and MLP columns split)."""
+    dcn_data: int = 1
+    """Several TPU slices or GPU nodes: how many of the `data` axis's ways go across slices/nodes (the slow
+    data-center network); must divide the data size. The rest of the mesh stays inside a slice (ICI/NVLink)."""
+    dcn_fsdp: int = 1
+    """Like dcn_data for the `fsdp` axis; slices/nodes = dcn_data * dcn_fsdp (1 * 1: a single slice or node)."""
     rules: str = "fsdp_tp"
     """Logical-axis rule preset: `dp`, `fsdp`, or `fsdp_tp` (see sharding/rules.py)."""
     rule_overrides: dict[str, Any] = field(default_factory=dict)
@@ -316,6 +321,11 @@ def validate(cfg: Config) -> None:
     for key, v in sizes.items():
         if v == 0 or v < -1:
             raise ConfigError(f"{key}: expected a positive size or -1, got {v}")
+    for key, size, dcn in (("mesh.dcn_data", mesh.data, mesh.dcn_data), ("mesh.dcn_fsdp", mesh.fsdp, mesh.dcn_fsdp)):
+        if dcn < 1:
+            raise ConfigError(f"{key}: expected a positive number of slices/nodes, got {dcn}")
+        if size > 0 and size % dcn:
+            raise ConfigError(f"{key}: {dcn} does not divide {key.replace('dcn_', '')}={size}")
     if mesh.tensor > 0 and m.n_head % mesh.tensor:
         raise ConfigError(f"model.n_head: {m.n_head} is not divisible by mesh.tensor={mesh.tensor}")
     if mesh.tensor > 0 and kv % mesh.tensor:
@@ -341,6 +351,10 @@ def resolve_mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, i
             f"mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = "
             f"{sizes[0] * sizes[1] * sizes[2]} does not match the {device_count} devices"
         )
+    for key, size, dcn in (("mesh.dcn_data", sizes[0], mesh.dcn_data), ("mesh.dcn_fsdp", sizes[1], mesh.dcn_fsdp)):
+        if size % dcn:
+            axis = key.replace("dcn_", "")
+            raise ConfigError(f"{key}: {dcn} does not divide {axis}={size} on {device_count} devices")
     return sizes[0], sizes[1], sizes[2]
 
 

@@ -59,11 +59,11 @@ class Trainer:
     @classmethod
     def from_config(cls, cfg: Config, objective: Objective | None = None, *, devices: list | None = None) -> Trainer:
         """The trainer a run config asks for (mesh over all devices, or `devices`)."""
-        count = len(devices) if devices is not None else jax.device_count()
-        mesh = build_mesh(*check_against_devices(cfg, count), devices=devices)
-        rules = make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
-        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        tx, schedule = make_optimizer(
+            cfg.optim, cfg.train.steps, lr_mult=cfg.finetune.lr_mult, frozen=cfg.finetune.freeze
+        )
         objective = objective if objective is not None else CausalLM(cfg.optim.z_loss)
+        mesh, rules = mesh_from_config(cfg, devices), make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
         return cls(cfg.model, mesh, rules, tx, schedule, objective, grad_accum=cfg.train.grad_accum)
 
     # -- state
@@ -115,6 +115,14 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + float(value)
             weight += float(w)
         return {name: value / max(weight, 1.0) for name, value in totals.items()}
+
+
+def mesh_from_config(cfg: Config, devices: list | None = None) -> Mesh:
+    """The run's (data, fsdp, tensor) mesh over all devices (or `devices`), split across slices or
+    nodes as mesh.dcn_data / mesh.dcn_fsdp ask."""
+    count = len(devices) if devices is not None else jax.device_count()
+    shape = check_against_devices(cfg, count)
+    return build_mesh(*shape, devices=devices, dcn_data=cfg.mesh.dcn_data, dcn_fsdp=cfg.mesh.dcn_fsdp)
 
 
 def _with_activation_sharding(fn: Callable, resolver: Any) -> Callable:
