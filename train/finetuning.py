@@ -26,8 +26,6 @@ from flaxpod.data import sft as sft_data
 from flaxpod.data.sft_format import SFTFormat, load_sft_examples
 from flaxpod.data.tokenizer import Tokenizer
 from flaxpod.model.errors import ConfigError, InputError
-from flaxpod.sharding.mesh import build_mesh
-from flaxpod.sharding.rules import make_rules
 from flaxpod.train.checkpoint import make_run_info
 from flaxpod.train.checkpoint_files import find_checkpoint
 from flaxpod.train.classification_metrics import classification_report, summary_metrics
@@ -36,7 +34,6 @@ from flaxpod.train.data_source import RunData
 from flaxpod.train.early_stopping import EarlyStopping
 from flaxpod.train.loop import check_resume_compatible, describe, fit, log, write_run_files
 from flaxpod.train.objectives import CausalLM, Classify, class_logits
-from flaxpod.train.optimizer import make_optimizer
 from flaxpod.train.run_dir import load_run_config, load_run_tokenizer, param_target, restore_params
 from flaxpod.train.state import TrainState
 from flaxpod.train.trainer import Trainer
@@ -101,10 +98,7 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
     task = TASKS[cfg.finetune.task](cfg, base.tokenizer, run_dir)
     cfg = task.cfg
     check_resume_compatible(cfg, run_dir, sections=("model", "tokenizer", "finetune"))
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, lr_mult=cfg.finetune.lr_mult, frozen=cfg.finetune.freeze)
-    mesh = build_mesh(*check_against_devices(cfg, jax.device_count()))
-    rules = make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
-    trainer = Trainer(cfg.model, mesh, rules, tx, schedule, task.objective, grad_accum=cfg.train.grad_accum)
+    trainer = Trainer.from_config(cfg, task.objective)
     early = (
         EarlyStopping(run_dir, cfg.finetune.early_stop_metric, cfg.finetune.patience)
         if (cfg.finetune.early_stop_metric)
@@ -121,7 +115,7 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
     def init() -> TrainState:
         if cfg.finetune.init == "random":
             return trainer.init_state(cfg.seed)
-        params, _ = restore_params(base.run_dir, base.step, param_target(base.cfg, mesh))
+        params, _ = restore_params(base.run_dir, base.step, param_target(base.cfg, trainer.mesh))
         params = {k: v for k, v in params.items() if k in trainer.layout.shapes.params and k != "cls_head"}
         return trainer.state_from_params(params, cfg.seed)
 
