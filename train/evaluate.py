@@ -309,7 +309,7 @@ def run_evaluate(
     corpora = {spec: read_corpus(resolve_text_paths([spec])) for spec in texts}
     run = load_run(run_dir, step)
     m = run.cfg.model
-    max_len = m.max_seq_len or m.seq_len
+    max_len = m.max_len
     window = seq_len or m.seq_len
     if not 0 < window <= max_len:
         raise ValueError(f"--seq-len: expected 1..{max_len} (model.max_seq_len), got {window}")

@@ -90,17 +90,18 @@ def export_hf(
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     files = ["config.json", "generation_config.json"]
     files += save_safetensors(tensors, out, max_shard_bytes)
-    files += write_hf_tokenizer(tokenizer, out, m.max_seq_len or m.seq_len)
+    files += write_hf_tokenizer(tokenizer, out, m.max_len)
     return files
 
 
 def export_plain(params: dict, run_dir: Path, out: Path, *, dtype: str = "float32") -> list[str]:
     """Our parameter tree as one safetensors file, with the run's config and tokenizer."""
-    from flaxpod.model.hf_weights import flatten
+    from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
 
     _prepare_out(out)
-    tensors = {k: v.astype(DTYPES[dtype]) for k, v in flatten(params).items()}
+    flat = flatten_dict(params, sep="/")  # names like blocks/attn/q
+    tensors = {k: np.ascontiguousarray(np.asarray(v).astype(DTYPES[dtype])) for k, v in flat.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "flaxpod"})
     shutil.copy(run_dir / "config.yaml", out / "config.yaml")
     shutil.copytree(run_dir / "tokenizer", out / "tokenizer")
