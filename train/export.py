@@ -20,21 +20,10 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from flaxpod.data.prepare import parse_size
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1024' -> bytes."""
-    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "B": 1}
-    upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(upper[: -len(unit)]) * factor)
-    if upper.isdigit():
-        return int(upper)
-    raise ValueError(f"--max-shard-size: expected a size such as 5GB or 500MB, got {text!r}")
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: int) -> list[str]:
@@ -142,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="hf", choices=["hf", "safetensors"])
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (hf format)")
+    parser.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=DEFAULT_SHARD_BYTES,
+        help="largest safetensors file, e.g. 5GB (hf format)",
+    )
     args = parser.parse_args(argv)
 
     from flaxpod.train.cli import run_guarded
@@ -154,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             fmt=args.format,
             dtype=args.dtype,
             step=args.step,
-            max_shard_bytes=parse_size(args.max_shard_size),
+            max_shard_bytes=args.max_shard_size,
         )
     )
 
