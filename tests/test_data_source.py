@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from flaxpod.data.prepare import prepare_dataset
 from flaxpod.data.tokenizer import CharTokenizer
@@ -76,3 +78,18 @@ def test_max_bytes_truncates_the_text_corpus(tmp_path):
     data = load_run_data(_config(tmp_path, str(corpus), "data.max_bytes=300", "data.val_fraction=0.2"), tmp_path / "r")
     assert "300 characters" in data.description
     assert sorted(data.tokenizer.decode(list(range(data.tokenizer.vocab_size)))) == sorted("abcd ")
+
+
+def test_tokenizer_saved_with_the_run_wins_over_tokenizer_path(tmp_path, prepared):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("abc cab " * 50)
+    run = tmp_path / "run"
+    fresh = load_run_data(_config(tmp_path, str(corpus)), run)  # trained here: the characters of the corpus
+    assert fresh.tokenizer.vocab_size == len(set("abc "))
+    given = Path(prepared[0]).parent / "tok"
+    assert load_run_data(_config(tmp_path, str(corpus), f"tokenizer.path={given}"), run).tokenizer.vocab_size == 9
+    fresh.tokenizer.save(run / "tokenizer")  # as the loop does
+    resumed = load_run_data(_config(tmp_path, str(corpus), f"tokenizer.path={given}"), run)
+    assert resumed.tokenizer.fingerprint() == fresh.tokenizer.fingerprint()
+    with pytest.raises(FileNotFoundError, match="tokenizer.path '/nowhere': no such directory"):
+        load_run_data(_config(tmp_path, str(corpus), "tokenizer.path=/nowhere"), tmp_path / "other")
