@@ -131,26 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="hf", choices=["hf", "safetensors"])
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument(
-        "--max-shard-size",
-        type=parse_size,
-        default=DEFAULT_SHARD_BYTES,
-        help="largest safetensors file, e.g. 5GB (hf format)",
-    )
+    shard_help = "largest safetensors file, e.g. 5GB (hf format)"
+    parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help=shard_help)
     args = parser.parse_args(argv)
 
     from flaxpod.train.cli import run_guarded
 
-    return run_guarded(
-        lambda: run_export(
-            args.run_dir,
-            args.out,
-            fmt=args.format,
-            dtype=args.dtype,
-            step=args.step,
-            max_shard_bytes=args.max_shard_size,
-        )
-    )
+    options = {"fmt": args.format, "dtype": args.dtype, "step": args.step, "max_shard_bytes": args.max_shard_size}
+    return run_guarded(lambda: run_export(args.run_dir, args.out, **options))
 
 
 if __name__ == "__main__":
