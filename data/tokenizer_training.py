@@ -1,7 +1,8 @@
-"""Train a SentencePiece tokenizer on a sample of raw inputs, or load a given one.
+"""Which tokenizer a job uses: one it saved before, a given one, or one trained here.
 
-Shared by `flaxpod tokenizer` (train only) and `flaxpod prepare` (train, or reuse the one
-a previous run of the same command trained, so that re-running rewrites nothing).
+Shared by `flaxpod tokenizer` (train only), `flaxpod prepare` (train, or reuse the one a previous
+run of the same command trained, so that re-running rewrites nothing) and training runs (the run's
+saved tokenizer, else `tokenizer.path`, else one trained in memory on the run's text).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flaxpod.data.tokenizer import (
     Tokenizer,
     has_tokenizer,
     load_tokenizer,
+    train_char_tokenizer,
     train_sentencepiece,
 )
 
@@ -27,14 +29,32 @@ DEFAULT_SAMPLE_BYTES = 256 << 20
 _SAMPLE_SALT = b"tokenizer-sample:"
 
 
-def load_tokenizer_arg(spec: str | os.PathLike) -> Tokenizer:
-    """The tokenizer named by --tokenizer: a saved tokenizer directory or a `.model` file."""
+def load_tokenizer_arg(spec: str | os.PathLike, option: str = "--tokenizer") -> Tokenizer:
+    """The tokenizer named by `option` (--tokenizer, tokenizer.path): a saved tokenizer directory or a `.model`
+    file."""
     path = Path(spec)
     if path.is_dir():
         return load_tokenizer(path)
     if path.is_file():
         return SentencePieceTokenizer.load(path)
-    raise FileNotFoundError(f"--tokenizer {os.fspath(spec)!r}: no such directory or SentencePiece model file")
+    raise FileNotFoundError(f"{option} {os.fspath(spec)!r}: no such directory or SentencePiece model file")
+
+
+def saved_or_given_tokenizer(saved: Path, given: str | os.PathLike | None, option: str) -> Tokenizer | None:
+    """The tokenizer saved in `saved` (a resumed job keeps the one it started with), else the `given`
+    directory or `.model` file (named by `option` in errors); None when there is neither and one must be trained."""
+    if has_tokenizer(saved):
+        return load_tokenizer(saved)
+    if given:
+        return load_tokenizer_arg(given, option)
+    return None
+
+
+def train_tokenizer_on_texts(kind: str, texts: list[str], *, vocab_size: int, model_type: str) -> Tokenizer:
+    """A `char` or `sentencepiece` tokenizer trained in memory on `texts` (a training run's corpus)."""
+    if kind == "char":
+        return train_char_tokenizer("".join(texts))
+    return train_sentencepiece(texts, vocab_size, model_type)
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:

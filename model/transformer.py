@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flaxpod.model import axes as ax
 from flaxpod.model.axes import constrain
+from flaxpod.model.config import ModelConfig
 from flaxpod.model.layers import MLP, Attention, Norm, attention_mask, dropout, make_param
 
 REMAT_POLICIES = {
@@ -15,24 +16,15 @@ REMAT_POLICIES = {
 }
 
 
-def mlp_width(cfg) -> int:
-    if cfg.d_ff:
-        return cfg.d_ff
-    if cfg.family == "gpt2":
-        return 4 * cfg.d_model
-    return 64 * -(-(8 * cfg.d_model // 3) // 64)  # Llama's 8/3 rule, rounded up to 64
-
-
 class Block(nnx.Module):
     """Pre-norm residual block. Built with `stack` layers; called on one layer's slice."""
 
-    def __init__(self, cfg, *, stack: int, rngs: nnx.Rngs):
-        rms, bias = cfg.family == "llama", cfg.bias and cfg.family == "gpt2"
+    def __init__(self, cfg: ModelConfig, *, stack: int, rngs: nnx.Rngs):
         self.dropout_rate = cfg.dropout
-        self.attn_norm = Norm(cfg.d_model, rms=rms, bias=bias, eps=cfg.norm_eps, stack=stack)
+        self.attn_norm = Norm(cfg.d_model, rms=cfg.is_llama, bias=cfg.has_bias, eps=cfg.norm_eps, stack=stack)
         self.attn = Attention(cfg, stack=stack, rngs=rngs)
-        self.mlp_norm = Norm(cfg.d_model, rms=rms, bias=bias, eps=cfg.norm_eps, stack=stack)
-        self.mlp = MLP(cfg, d_ff=mlp_width(cfg), stack=stack, rngs=rngs)
+        self.mlp_norm = Norm(cfg.d_model, rms=cfg.is_llama, bias=cfg.has_bias, eps=cfg.norm_eps, stack=stack)
+        self.mlp = MLP(cfg, stack=stack, rngs=rngs)
 
     def __call__(self, x, positions, mask, key: jax.Array | None) -> jax.Array:
         keys = jax.random.split(key, 3) if key is not None else (None, None, None)
@@ -50,26 +42,19 @@ class Transformer(nnx.Module):
     row; `positions` restart per document. Without them the row is one causal sequence.
     """
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
         self.cfg = cfg
         d = cfg.d_model
         self.embed = make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), 0, std=cfg.init_std)
         self.pos_embed = (
-            make_param(
-                rngs,
-                (cfg.max_seq_len or cfg.seq_len, d),
-                (ax.POSITION, ax.EMBED),
-                0,
-                std=cfg.init_std,
-            )
-            if cfg.family == "gpt2"
+            make_param(rngs, (cfg.max_len, d), (ax.POSITION, ax.EMBED), 0, std=cfg.init_std)
+            if cfg.learned_positions
             else None
         )
         self.blocks = Block(cfg, stack=cfg.n_layer, rngs=rngs)
-        rms, bias = cfg.family == "llama", cfg.bias and cfg.family == "gpt2"
-        self.final_norm = Norm(d, rms=rms, bias=bias, eps=cfg.norm_eps)
+        self.final_norm = Norm(d, rms=cfg.is_llama, bias=cfg.has_bias, eps=cfg.norm_eps)
         self.lm_head = (
             None
             if cfg.tie_embeddings

@@ -15,57 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from flaxpod.model.config import ModelConfig
 from flaxpod.model.errors import ConfigError
 
-__all__ = ["ConfigError"]  # re-exported: config code raises it
-
-
-@dataclass
-class ModelConfig:
-    family: str = "gpt2"
-    """`gpt2` (LayerNorm, learned positions, GELU, tied head) or `llama` (RMSNorm, RoPE, SwiGLU, GQA)."""
-    n_layer: int = 4
-    """Number of transformer blocks (scanned, so compile time does not grow with depth)."""
-    n_head: int = 4
-    """Attention (query) heads."""
-    n_kv_head: int = 0
-    """Key/value heads for grouped-query attention; 0 means equal to n_head."""
-    d_model: int = 128
-    """Residual stream width."""
-    d_ff: int = 0
-    """MLP hidden width; 0 means 4*d_model for gpt2 and the Llama rule (8/3*d_model rounded up to 256) for llama."""
-    seq_len: int = 256
-    """Training context length; must not exceed max_seq_len."""
-    max_seq_len: int = 0
-    """Longest context the model supports (size of learned positions); 0 means seq_len."""
-    vocab_size: int = 0
-    """Embedding rows; 0 means the tokenizer's vocabulary rounded up to a multiple of 64. Must be >= the tokenizer's."""
-    bias: bool = True
-    """Biases in linear layers and LayerNorm (gpt2 family only; llama has none)."""
-    tie_embeddings: bool = True
-    """Share the token embedding with the output head."""
-    dropout: float = 0.0
-    """Dropout rate on attention probabilities, residual branches and embeddings."""
-    rope_theta: float = 10000.0
-    """RoPE base frequency (llama family)."""
-    norm_eps: float = 1e-5
-    """Epsilon of LayerNorm / RMSNorm."""
-    dtype: str = "float32"
-    """Compute dtype (`float32` or `bfloat16`); parameters stay float32."""
-    attention: str = "einsum"
-    """Attention kernel: `einsum` (plain XLA, fastest on CPU) or `fused` (jax.nn.dot_product_attention)."""
-    attention_impl: str = "xla"
-    """Implementation for `fused` attention: `xla` or `cudnn` (GPU)."""
-    remat: str = "none"
-    """Rematerialization of each block in the backward pass: `none`, `full`, or `dots` (save matmul outputs)."""
-    scan_layers: bool = True
-    """Run the blocks with lax.scan over stacked parameters (fast compile) instead of a Python loop."""
-    init_std: float = 0.02
-    """Standard deviation of weight initialization (output projections are scaled by 1/sqrt(2*n_layer))."""
-    num_labels: int = 0
-    """Classes of a sequence-classification head (`finetune.task=classify` sets it from the labels); 0: none."""
-    pooling: str = "last"
-    """How the classification head pools a row: `last` token (causal models), `mean` over tokens, or `first`."""
+__all__ = ["ConfigError", "ModelConfig"]  # re-exported: config code raises it; Config holds a ModelConfig
 
 
 @dataclass
@@ -249,12 +202,6 @@ class Config:
 
 
 CHOICES = {
-    "model.family": ("gpt2", "llama"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.attention": ("einsum", "fused"),
-    "model.attention_impl": ("xla", "cudnn"),
-    "model.remat": ("none", "full", "dots"),
-    "model.pooling": ("last", "mean", "first"),
     "tokenizer.kind": ("char", "sentencepiece"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -265,10 +212,6 @@ CHOICES = {
 }
 
 POSITIVE = (
-    "model.n_layer",
-    "model.n_head",
-    "model.d_model",
-    "model.seq_len",
     "data.batch_size",
     "train.steps",
     "train.log_every",
@@ -288,23 +231,14 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Single-config checks (devices and tokenizer are checked later, when they are known)."""
+    """Single-config checks (devices and tokenizer are checked later, when they are known); the model's own
+    checks ran in ModelConfig.__post_init__."""
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {_get(cfg, key)!r}")
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)!r}")
-    m = cfg.model
-    kv = m.n_kv_head or m.n_head
-    if m.d_model % m.n_head:
-        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}")
-    if m.n_head % kv:
-        raise ConfigError(f"model.n_kv_head: {kv} does not divide model.n_head={m.n_head}")
-    if m.max_seq_len and m.seq_len > m.max_seq_len:
-        raise ConfigError(f"model.seq_len: {m.seq_len} exceeds the model's maximum model.max_seq_len={m.max_seq_len}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout: expected a rate in [0, 1), got {m.dropout}")
     for key in ("checkpoint.every", "checkpoint.every_minutes", "checkpoint.keep_every"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
@@ -314,7 +248,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}"
         )
-    mesh = cfg.mesh
+    m, mesh = cfg.model, cfg.mesh
     sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
     if sum(v == -1 for v in sizes.values()) > 1:
         raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
@@ -328,8 +262,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {dcn} does not divide {key.replace('dcn_', '')}={size}")
     if mesh.tensor > 0 and m.n_head % mesh.tensor:
         raise ConfigError(f"model.n_head: {m.n_head} is not divisible by mesh.tensor={mesh.tensor}")
-    if mesh.tensor > 0 and kv % mesh.tensor:
-        raise ConfigError(f"model.n_kv_head: {kv} is not divisible by mesh.tensor={mesh.tensor}")
+    if mesh.tensor > 0 and m.kv_heads % mesh.tensor:
+        raise ConfigError(f"model.n_kv_head: {m.kv_heads} is not divisible by mesh.tensor={mesh.tensor}")
 
 
 def resolve_mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
@@ -383,6 +317,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Checks a YAML value against a field's annotation; ints are accepted where floats are expected."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -526,7 +465,9 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
             rows += field_docs(annotation, f"{prefix}{name}.")
             continue
         type_name = getattr(annotation, "__name__", str(annotation))
-        if isinstance(annotation, types.GenericAlias):
+        if typing.get_origin(annotation) is typing.Literal:
+            type_name = "one of " + ", ".join(map(str, typing.get_args(annotation)))
+        elif isinstance(annotation, types.GenericAlias):
             type_name = str(annotation)
         rows.append((prefix + name, type_name, getattr(defaults, name), docs.get(name, "")))
     return rows

@@ -21,21 +21,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 from flaxpod.data.classify import LABELS_FILE, load_labels
+from flaxpod.data.prepare import parse_size
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1024' -> bytes."""
-    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "B": 1}
-    upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(upper[: -len(unit)]) * factor)
-    if upper.isdigit():
-        return int(upper)
-    raise ValueError(f"--max-shard-size: expected a size such as 5GB or 500MB, got {text!r}")
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: int) -> list[str]:
@@ -121,17 +110,18 @@ def export_hf(
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     files = ["config.json", "generation_config.json"]
     files += save_safetensors(tensors, out, max_shard_bytes)
-    files += write_hf_tokenizer(tokenizer, out, m.max_seq_len or m.seq_len)
+    files += write_hf_tokenizer(tokenizer, out, m.max_len)
     return files
 
 
 def export_plain(params: dict, run_dir: Path, out: Path, *, dtype: str = "float32") -> list[str]:
     """Our parameter tree as one safetensors file, with the run's config and tokenizer."""
-    from flaxpod.model.hf_weights import flatten
+    from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
 
     _prepare_out(out)
-    tensors = {k: v.astype(DTYPES[dtype]) for k, v in flatten(params).items()}
+    flat = flatten_dict(params, sep="/")  # names like blocks/attn/q
+    tensors = {k: np.ascontiguousarray(np.asarray(v).astype(DTYPES[dtype])) for k, v in flat.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "flaxpod"})
     shutil.copy(run_dir / "config.yaml", out / "config.yaml")
     shutil.copytree(run_dir / "tokenizer", out / "tokenizer")
@@ -179,21 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="hf", choices=["hf", "safetensors"])
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (hf format)")
+    shard_help = "largest safetensors file, e.g. 5GB (hf format)"
+    parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help=shard_help)
     args = parser.parse_args(argv)
 
     from flaxpod.train.cli import run_guarded
 
-    return run_guarded(
-        lambda: run_export(
-            args.run_dir,
-            args.out,
-            fmt=args.format,
-            dtype=args.dtype,
-            step=args.step,
-            max_shard_bytes=parse_size(args.max_shard_size),
-        )
-    )
+    options = {"fmt": args.format, "dtype": args.dtype, "step": args.step, "max_shard_bytes": args.max_shard_size}
+    return run_guarded(lambda: run_export(args.run_dir, args.out, **options))
 
 
 if __name__ == "__main__":

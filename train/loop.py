@@ -43,7 +43,7 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> Config:
     vocab = m.vocab_size or -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
-    model = dataclasses.replace(m, vocab_size=vocab, max_seq_len=m.max_seq_len or m.seq_len)
+    model = dataclasses.replace(m, vocab_size=vocab, max_seq_len=m.max_len)
     return dataclasses.replace(cfg, model=model)
 
 
