@@ -82,7 +82,8 @@ def resolve_config(cfg: Config, base: Base, explicit: set[str]) -> Config:
         name = key.split(".", 1)[1]
         if getattr(cfg.tokenizer, name) != getattr(base.cfg.tokenizer, name):
             raise ConfigError(f"{key}: finetuning uses the base's tokenizer ({base.run_dir / 'tokenizer'})")
-    model = dataclasses.replace(base.cfg.model, **changes)
+    base_model = base.cfg.model
+    model = dataclasses.replace(base_model, **{"max_seq_len": base_model.max_len, **changes})
     if model.seq_len > model.max_seq_len:
         raise ConfigError(f"model.seq_len: {model.seq_len} exceeds the base's model.max_seq_len={model.max_seq_len}")
     finetune = dataclasses.replace(cfg.finetune, base=str(base.run_dir), base_step=base.step)
@@ -93,6 +94,8 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
     """Finetunes to cfg.train.steps (resuming from the run's latest checkpoint); returns final metrics."""
     run_dir = Path(cfg.run_dir)
     check_against_devices(cfg, jax.device_count())
+    if cfg.data.path in ("", "stdlib"):
+        raise ConfigError(f"data.path: give the task's training file (finetune.task={cfg.finetune.task})")
     base = load_base(cfg)
     cfg = resolve_config(cfg, base, explicit)
     task = TASKS[cfg.finetune.task](cfg, base.tokenizer, run_dir)
