@@ -79,8 +79,9 @@ def _plain(v: Any) -> Any:
 class Progress:
     """A console line per log step: loss, lr, throughput, MFU and ETA."""
 
-    def __init__(self, total_steps: int, *, enabled: bool, stream=sys.stdout):
-        self.total, self.enabled, self.stream = total_steps, enabled, stream
+    def __init__(self, total_steps: int, *, enabled: bool, stream=None):
+        # sys.stdout is looked up when the run starts, not when this module is imported (it may have been replaced)
+        self.total, self.enabled, self.stream = total_steps, enabled, stream if stream is not None else sys.stdout
         self.start = time.perf_counter()
 
     def show(self, step: int, m: dict[str, float], step_seconds: float) -> None:
