@@ -1,6 +1,7 @@
-"""Tokenizers: nanoGPT's character tokenizer and a SentencePiece BPE/unigram tokenizer.
+"""Tokenizers: nanoGPT's character tokenizer, a SentencePiece BPE/unigram tokenizer, and any
+Hugging Face tokenizer.json through the `tokenizers` library (data/hf_tokenizers.py).
 
-Both serialize to one small file in the run directory (never a pickle) and expose a
+Each serializes to one small file in the run directory (never a pickle) and expose a
 `fingerprint()`, the sha256 of exactly those bytes, so that later stages can refuse data
 tokenized by a different tokenizer.
 """
@@ -50,10 +51,25 @@ class Tokenizer(abc.ABC):
     eos_id: int | None = None
     bos_id: int | None = None
     pad_id: int | None = None
+    # BOS policy: whether a model sequence starts with BOS (as transformers' tokenizer(text) does).
+    add_bos: bool = False
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS."""
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        """Ids that start every model sequence under the BOS policy (BOS, or nothing)."""
+        return [self.bos_id] if self.add_bos and self.bos_id is not None else []
+
+    def encode_for_model(self, text: str) -> list[int]:
+        """Ids as transformers' `tokenizer(text)["input_ids"]` gives them: the BOS policy applied."""
+        return self.prefix_ids + self.encode(text)
+
+    def describe(self) -> dict:
+        """Kind-specific facts for metadata (special tokens, BOS policy)."""
+        return {"add_bos": self.add_bos}
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` applied to each text."""
@@ -166,6 +182,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def serialize(self) -> bytes:
         return self.model_proto
+
+    @property
+    def is_segmentable(self) -> bool:
+        """Whether this is a model as flaxpod trains it (identity normalization, no dummy prefix)."""
+        return self._segmentable
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
@@ -294,22 +315,64 @@ def train_char_tokenizer(text: str) -> CharTokenizer:
     return CharTokenizer(sorted(set(text)))
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load the tokenizer saved in `directory` (tokenizer.json or tokenizer.model)."""
-    directory = Path(directory)
-    found = [f for f in (CHAR_FILE, SENTENCEPIECE_FILE) if (directory / f).is_file()]
-    if not found:
-        raise FileNotFoundError(f"no tokenizer in {directory}: expected {CHAR_FILE} or {SENTENCEPIECE_FILE}")
-    if len(found) > 1:
-        raise ValueError(f"{directory}: holds both {CHAR_FILE} and {SENTENCEPIECE_FILE}; keep one")
-    if found[0] == CHAR_FILE:
-        return CharTokenizer.load(directory / CHAR_FILE)
-    return SentencePieceTokenizer.load(directory / SENTENCEPIECE_FILE)
+def is_char_tokenizer_file(path: Path) -> bool:
+    """Whether a tokenizer.json is flaxpod's char format ({"kind": "char", ...}) rather than a
+    Hugging Face tokenizer.json (which has a "model" object). Both use the same file name."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    return isinstance(spec, dict) and spec.get("kind") == "char"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer saved in a run's or dataset's tokenizer directory, or any other tokenizer
+    flaxpod reads: a Hugging Face model directory (as transformers would load it), a
+    tokenizer.json (char or Hugging Face) or a SentencePiece .model file."""
+    from flaxpod.data import hf_tokenizer, hf_tokenizers
+
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".json":
+            if is_char_tokenizer_file(path):
+                return CharTokenizer.load(path)
+            if path.name == hf_tokenizers.HF_FILE:
+                return hf_tokenizers.HFTokenizer.load(path)
+            return hf_tokenizers.HFTokenizer.from_hf_files(path)
+        return SentencePieceTokenizer.load(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer {path}: no such directory or file")
+    if (path / hf_tokenizers.HF_FILE).is_file():
+        return hf_tokenizers.HFTokenizer.load(path / hf_tokenizers.HF_FILE)
+    char, sp = path / CHAR_FILE, path / SENTENCEPIECE_FILE
+    if char.is_file() and not sp.is_file() and is_char_tokenizer_file(char):
+        return CharTokenizer.load(char)
+    if sp.is_file() and not char.is_file():
+        return SentencePieceTokenizer.load(sp)
+    found = hf_tokenizer.read_hf_tokenizer(path)
+    if found is None:
+        raise FileNotFoundError(
+            f"no tokenizer in {path}: expected {CHAR_FILE}, {SENTENCEPIECE_FILE} or {hf_tokenizers.HF_FILE}"
+        )
+    return found
 
 
 def has_tokenizer(directory: str | Path) -> bool:
     """True if `directory` holds a saved tokenizer file."""
-    return any((Path(directory) / f).is_file() for f in (CHAR_FILE, SENTENCEPIECE_FILE))
+    return any((Path(directory) / f).is_file() for f in (CHAR_FILE, SENTENCEPIECE_FILE, "hf_tokenizer.json"))
+
+
+def train_tokenizer_of_kind(kind: str, texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:
+    """Trains a tokenizer of config kind `kind`: char, sentencepiece, or huggingface (byte-level BPE)."""
+    if kind == "char":
+        return train_char_tokenizer("".join(texts))
+    if kind == "sentencepiece":
+        return train_sentencepiece(texts, vocab_size, model_type)
+    if kind == "huggingface":
+        from flaxpod.data.hf_tokenizers import train_byte_level_bpe
+
+        return train_byte_level_bpe(texts, vocab_size)
+    raise ValueError(f"tokenizer.kind: expected 'char', 'sentencepiece' or 'huggingface', got {kind!r}")
 
 
 def tokenizer_from_config(
@@ -332,11 +395,6 @@ def tokenizer_from_config(
             raise ValueError(f"tokenizer.kind: {directory} holds a {tok.kind!r} tokenizer, config asks {kind!r}")
         return tok
     texts = [text_sample] if isinstance(text_sample, str) else text_sample
-    if kind == "char":
-        tok = train_char_tokenizer("".join(texts))
-    elif kind == "sentencepiece":
-        tok = train_sentencepiece(texts, vocab_size, model_type)
-    else:
-        raise ValueError(f"tokenizer.kind: expected 'char' or 'sentencepiece', got {kind!r}")
+    tok = train_tokenizer_of_kind(kind, texts, vocab_size, model_type)
     tok.save(directory)
     return tok

@@ -16,7 +16,7 @@ import numpy as np
 from flaxpod.data.pipeline import make_eval_batches, make_train_iterator, split_tokens, tokenize_corpus
 from flaxpod.data.prepared import load_dataset_metadata, make_packed_eval_batches, make_packed_train_iterator
 from flaxpod.data.text import read_corpus, resolve_text_paths
-from flaxpod.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_char_tokenizer, train_sentencepiece
+from flaxpod.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer_of_kind
 from flaxpod.train.config import Config, ConfigError
 
 
@@ -47,9 +47,7 @@ def existing_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer | None:
 
 def train_tokenizer(cfg: Config, documents: list[str]) -> Tokenizer:
     """Trains the configured tokenizer in memory; the loop saves it with the run."""
-    if cfg.tokenizer.kind == "char":
-        return train_char_tokenizer("".join(documents))
-    return train_sentencepiece(documents, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type)
+    return train_tokenizer_of_kind(cfg.tokenizer.kind, documents, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type)
 
 
 def load_run_data(cfg: Config, run_dir: Path) -> RunData:
