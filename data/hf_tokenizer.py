@@ -65,7 +65,9 @@ def write_hf_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int) -> 
         if i is not None and i >= 0
     }
     config = {
-        "tokenizer_class": "LlamaTokenizer",
+        # transformers 5's LlamaTokenizer rebuilds a BPE model from the vocabulary, which breaks a
+        # unigram model; the generic fast class runs tokenizer.json as written.
+        "tokenizer_class": "LlamaTokenizer" if tok.model_type == "bpe" else "PreTrainedTokenizerFast",
         "add_bos_token": False,  # our encode adds no BOS/EOS; keep HF's ids identical
         "add_eos_token": False,
         "add_prefix_space": False,

@@ -184,6 +184,14 @@ class SentencePieceTokenizer(Tokenizer):
         return self.model_proto
 
     @property
+    def model_type(self) -> str:
+        """`bpe` or `unigram` (or another SentencePiece model type, lower-case)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.model_proto)
+        return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
+
+    @property
     def is_segmentable(self) -> bool:
         """Whether this is a model as flaxpod trains it (identity normalization, no dummy prefix)."""
         return self._segmentable

@@ -173,7 +173,7 @@ def _rope_theta(config: dict, where: str) -> float:
     for key, entry in (("rope_parameters", params), ("rope_scaling", scaling)):
         if _rope_type(entry) != "default":
             raise ValueError(
-                f"{where}: {key} has rope type {_rope_type(entry)!r}; only plain RoPE (rope_type 'default') is supported"
+                f"{where}: {key} has rope type {_rope_type(entry)!r}; flaxpod supports only rope_type default"
             )
     chosen = scaling or params
     return float(chosen.get("rope_theta", config.get("rope_theta", 10000.0)))

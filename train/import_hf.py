@@ -73,7 +73,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | N
         tokenizer = read_hf_tokenizer(hf_dir)
         if tokenizer is None:
             raise ValueError(
-                f"{hf_dir}: no tokenizer.json or tokenizer.model; "
+                f"{hf_dir}: no tokenizer flaxpod can read (no tokenizer.json or tokenizer.model); "
                 "pass --tokenizer PATH with a tokenizer that has the same ids"
             )
     params = from_hf(read_safetensors(hf_dir), model_cfg, str(hf_dir))
