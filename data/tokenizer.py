@@ -360,7 +360,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     found = hf_tokenizer.read_hf_tokenizer(path)
     if found is None:
         raise FileNotFoundError(
-            f"no tokenizer in {path}: expected {CHAR_FILE}, {SENTENCEPIECE_FILE} or {hf_tokenizers.HF_FILE}"
+            f"no tokenizer in {path}: expected {CHAR_FILE} or {SENTENCEPIECE_FILE} (or {hf_tokenizers.HF_FILE})"
         )
     return found
 

@@ -219,3 +219,61 @@ def test_rope_and_activation_read_as_transformers(tmp_path):
         assert model_config_from_hf({**gpt2, "activation_function": act}, "c").family == "gpt2"
     with pytest.raises(ValueError, match="activation_function 'gelu'"):
         model_config_from_hf({**gpt2, "activation_function": "gelu"}, "c")
+
+
+@pytest.mark.slow
+def test_llama_with_byte_level_bpe_import_export_round_trip(bpe, tmp_path):
+    """A directory written by transformers' save_pretrained (LlamaForCausalLM + byte-level BPE)
+    -> `flaxpod import-hf` -> `flaxpod export` -> transformers: same ids, logits to 1e-4."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+    from flaxpod.train.run_dir import load_run, single_device_mesh
+    from tests.helpers import run_cli
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=bpe.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        hidden_act="swish",
+        eos_token_id=bpe.eos_id,
+        pad_token_id=bpe.pad_id,
+        bos_token_id=None,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(bpe.tokenizer_json()), eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+    fast.save_pretrained(hf_dir)
+
+    out = run_cli(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")], devices=1)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_cli(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")], devices=1)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    run = load_run(tmp_path / "run", mesh=single_device_mesh())
+    assert run.tokenizer.kind == "huggingface" and run.tokenizer.fingerprint() == bpe.fingerprint()
+    exported_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    text = HARD_TEXT[:120]
+    ids = run.tokenizer.encode_for_model(text)
+    assert ids == exported_tok(text)["input_ids"] == fast(text)["input_ids"]
+    ours = np.asarray(jax.jit(lambda p, x: nnx.merge(run.graphdef, p)(x))(run.params, jnp.asarray([ids])))[0]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        theirs = back(torch.tensor([ids])).logits[0].numpy()
+        original = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.std(ours) > 0.05
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, original, atol=1e-4, rtol=0)
