@@ -20,12 +20,13 @@ and after the text ids (read from the file's post-processor, which transformers 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from flaxpod.data.tokenizer import SentencePieceTokenizer
 from flaxpod.data.tokenizer import Tokenizer as FlaxpodTokenizer
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers.decoders import DecodeStream
 
 HF_FILE = "hf_tokenizer.json"
 FORMAT = "flaxpod-hf-tokenizer"
@@ -96,6 +97,14 @@ class HFTokenizer(FlaxpodTokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def decode_stream(self, context_ids: Sequence[int], new_ids: Sequence[int]) -> Iterator[str]:
+        # The library's own streaming decoder: it buffers byte tokens until a UTF-8 character is whole.
+        stream = DecodeStream(ids=[int(i) for i in context_ids], skip_special_tokens=True)
+        for i in new_ids:
+            piece = stream.step(self.tok, int(i))
+            if piece:
+                yield piece
 
     def serialize(self) -> bytes:
         return self._raw

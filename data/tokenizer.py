@@ -27,6 +27,9 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 # Special ids of trained SentencePiece models. pad is 0 so that zero-filled arrays read as
 # padding; eos ends every document in the token stream; bos exists for finetuning formats.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# Ids of context kept when decoding a stream: enough for any decoder's look-behind (a space
+# before a word, a character split over up to four byte tokens) without growing with the text.
+_DECODE_CONTEXT = 8
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -78,6 +81,22 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (special tokens decode to nothing)."""
+
+    def decode_stream(self, context_ids: Sequence[int], new_ids: Sequence[int]) -> Iterator[str]:
+        """Text of `new_ids` after `context_ids`, in pieces as the ids arrive, each piece whole
+        characters: ids that end inside a UTF-8 character (byte fallback) are held back until it
+        completes, and never printed if it does not. Decoding in context keeps word-initial
+        spaces that a decoder strips at the start of a text."""
+        window = list(context_ids[-_DECODE_CONTEXT:])
+        shown = self.decode(window)
+        for i in new_ids:
+            window.append(int(i))
+            text = self.decode(window)
+            if text.endswith("\ufffd") or not text.startswith(shown):
+                continue  # an incomplete character: wait for the ids that complete it
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+            shown = text
 
     @abc.abstractmethod
     def serialize(self) -> bytes:

@@ -231,6 +231,7 @@ def test_llama_with_byte_level_bpe_import_export_round_trip(bpe, tmp_path):
     import torch
     from flax import nnx
     from flaxpod.train.run_dir import load_run, single_device_mesh
+
     from tests.helpers import run_cli
 
     torch.manual_seed(0)
@@ -277,3 +278,16 @@ def test_llama_with_byte_level_bpe_import_export_round_trip(bpe, tmp_path):
     assert np.std(ours) > 0.05
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     np.testing.assert_allclose(ours, original, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["huggingface", "sentencepiece"])
+def test_streaming_decode_never_splits_a_character(kind, bpe):
+    tok = bpe if kind == "huggingface" else train_sentencepiece(TRAIN_TEXTS, 380)
+    text = " Grüße 😀👍🏽 ᚠᛇᚻ naïve"
+    ids = tok.encode(text)
+    assert len(tok.encode("ᚠᛇᚻ")) == 9  # unseen characters: one byte token per UTF-8 byte
+    pieces = list(tok.decode_stream(tok.encode("x"), ids))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    # Stopped inside the last character (ᚻ is 3 bytes, so 3 byte tokens): it is not shown.
+    cut = "".join(tok.decode_stream([], tok.encode("ᚠᛇᚻ")[:-1]))
+    assert cut == "ᚠᛇ"

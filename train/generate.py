@@ -49,7 +49,7 @@ def generate_texts(
     encoded = []
     for i, prompt in enumerate(prompts):
         try:
-            encoded.append(tok.encode(prompt))
+            encoded.append(tok.encode_for_model(prompt))  # BOS as transformers adds it
         except ValueError as e:
             raise ValueError(f"prompt {i + 1}: {e}") from None
     key = jax.random.key(seed)
@@ -70,7 +70,8 @@ def generate_texts(
             )
         out, counts = fns[max_new_tokens](run.params, tokens, lengths, jax.random.fold_in(key, start))
         out, counts = np.asarray(out), np.asarray(counts)
-        texts += [tok.decode(out[i, : counts[i]].tolist()) for i in range(len(chunk))]
+        # Decoded after the prompt's ids, whole characters only (a byte-level BPE can stop mid-character).
+        texts += ["".join(tok.decode_stream(chunk[i], out[i, : counts[i]].tolist())) for i in range(len(chunk))]
     return texts
 
 
