@@ -58,6 +58,7 @@ class Document:
 
 
 MAX_EXAMPLES = 10
+PARQUET_BATCH_ROWS = 1024
 
 
 @dataclass
@@ -355,12 +356,14 @@ class DocumentReader:
                 yield text, f"{path}:{line_number}"
 
     def _parquet_documents(self, path: Path) -> Iterator[tuple[str, str, int]]:
-        """(text, "path:row ROW", bytes of the file done) per row, one row group in memory at a time."""
+        """(text, "path:row ROW", bytes of the file done) per row, a batch of rows in memory at a time."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            parquet = pq.ParquetFile(path)
+            # pre_buffer (on by default) caches whole column chunks, and its memory grows with the
+            # file: measured 126 -> 149 MiB peak RSS from a 24 to a 72 MB file, flat 108 -> 112 without.
+            parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
         except (OSError, pa.ArrowException) as e:
             raise ValueError(f"cannot read input {path}: not a readable Parquet file ({e})") from e
         top = self.field[0]
@@ -371,26 +374,31 @@ class DocumentReader:
         missing = [c for c in wanted if c not in names]
         if missing:
             raise ValueError(f"{path}: no column {missing[0]!r} for the row filter (columns: {', '.join(names)})")
-        meta, row_base, size = parquet.metadata, 0, path.stat().st_size
+        rows_total, row, size = parquet.metadata.num_rows, 0, path.stat().st_size
         with parquet:
-            for group in range(meta.num_row_groups):
+            # Batches of rows rather than whole row groups: a row group can be hundreds of MB.
+            batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted, use_threads=False)
+            while True:
                 try:
-                    table = parquet.read_row_group(group, columns=wanted)
+                    batch = next(batches, None)
                 except (OSError, pa.ArrowException) as e:
-                    raise ValueError(f"cannot read input {path}: row group {group}: {e}") from e
-                rows = table.to_pylist()
-                del table
-                done = int(size * (group + 1) / meta.num_row_groups)
-                for i, row in enumerate(rows):
-                    where = f"{path}:row {row_base + i}"
-                    value = self._row_text(row, where)
+                    raise ValueError(f"cannot read input {path}: after row {row}: {e}") from e
+                if batch is None:
+                    break
+                done = int(size * (row + batch.num_rows) / max(rows_total, 1))
+                for value_row in batch.to_pylist():
+                    where = f"{path}:row {row}"
+                    row += 1
+                    value = self._row_text(value_row, where)
                     if value is None:
                         continue
                     text = value.replace("\r\n", "\n")
                     self._count(text, b"\r\n" if "\r\n" in value else b"", 0, path)
                     if text:
                         yield text, where, done
-                row_base += len(rows)
+                del batch
+                # Arrow's allocator keeps freed buffers; hand them back so RSS stays flat.
+                pa.default_memory_pool().release_unused()
 
     def _filter_fields(self) -> list[tuple[str, ...]]:
         return [field_path(n) for n, _ in (*self.row_filter.min_values, *self.row_filter.require_values)]
