@@ -150,3 +150,39 @@ def test_filter_arguments_are_checked():
     assert f.keeps({"a": {"b": 2}}, "x") and not f.keeps({"a": {"b": 0.5}}, "x") and not f.keeps({}, "x")
     with pytest.raises(ValueError, match="x: filter field 'a.b' must be a number, got str"):
         f.keeps({"a": {"b": "2"}}, "x")
+
+
+def test_shards_follow_bos_policy_and_refuse_another_tokenizer(tmp_path, tok_dir):
+    from flaxpod.data.prepared import read_split_documents
+    from flaxpod.data.tokenizer import load_tokenizer
+    from flaxpod.train.evaluate import prepared_tokens
+    from tokenizers import Tokenizer, processors
+
+    base = load_tokenizer(tok_dir)
+    tok = Tokenizer.from_str(base.tokenizer_json())
+    tok.add_special_tokens(["<s>"])
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    (tmp_path / "bos").mkdir()
+    (tmp_path / "bos" / "tokenizer.json").write_text(tok.to_str())
+    (tmp_path / "bos" / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "<|endoftext|>"})
+    )
+    (tmp_path / "in.jsonl").write_bytes(_jsonl([{"text": r["meta"]["text"]} for r in ROWS]))
+    meta = prepare_dataset(
+        [str(tmp_path / "in.jsonl")],
+        tmp_path / "ds",
+        tokenizer=str(tmp_path / "bos"),
+        workers=1,
+        progress=False,
+        val_fraction=0.2,
+    )
+    assert meta["tokenizer"]["add_special_tokens"]["prefix"] == ["<s>"]
+    ours = load_tokenizer(tmp_path / "ds" / "tokenizer")
+    texts = {r["meta"]["text"] for r in ROWS if r["meta"]["text"]}
+    for record in read_split_documents(tmp_path / "ds", "train"):
+        ids = record.tolist()
+        assert ids[0] == bos and ids[-1] == ours.eos_id and ours.decode(ids) in texts
+    assert len(prepared_tokens(str(tmp_path / "ds"), ours)) == meta["splits"]["val"]["documents"]
+    with pytest.raises(ValueError, match="tokenized with tokenizer"):
+        prepared_tokens(str(tmp_path / "ds"), base)
