@@ -23,12 +23,11 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from flaxpod.data.tokenizer import SentencePieceTokenizer
+from flaxpod.data.tokenizer import HF_FILE, SentencePieceTokenizer
 from flaxpod.data.tokenizer import Tokenizer as FlaxpodTokenizer
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers.decoders import DecodeStream
 
-HF_FILE = "hf_tokenizer.json"
 FORMAT = "flaxpod-hf-tokenizer"
 ROLES = ("bos", "eos", "pad", "unk")
 # Special tokens of a byte-level BPE trained by flaxpod: GPT-2's end of text (eos, also the
@@ -70,9 +69,9 @@ class HFTokenizer(FlaxpodTokenizer):
             if token is not None and ids[role] is None:
                 raise ValueError(f"{where}: special token {role}={token!r} is not in the vocabulary")
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = ids["bos"], ids["eos"], ids["pad"], ids["unk"]
-        policy = spec.get("add_special_tokens") or {}
-        self._prefix_ids = [self._id(t, where) for t in policy.get("prefix", [])]
-        self.suffix_ids = [self._id(t, where) for t in policy.get("suffix", [])]
+        self._policy = spec.get("add_special_tokens") or {}
+        self._prefix_ids = [self._id(t, where) for t in self._policy.get("prefix", [])]
+        self.suffix_ids = [self._id(t, where) for t in self._policy.get("suffix", [])]
         self.add_bos = bool(self._prefix_ids)
 
     @property
@@ -116,9 +115,10 @@ class HFTokenizer(FlaxpodTokenizer):
     def describe(self) -> dict:
         return {
             "special_tokens": dict(self.special_tokens),
+            "add_bos": self.add_bos,
             "add_special_tokens": {
-                "prefix": self.spec["add_special_tokens"]["prefix"],
-                "suffix": self.spec["add_special_tokens"]["suffix"],
+                "prefix": list(self._policy.get("prefix", [])),
+                "suffix": list(self._policy.get("suffix", [])),
             },
             "model": self.spec["tokenizer"].get("model", {}).get("type"),
         }

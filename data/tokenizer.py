@@ -23,6 +23,7 @@ import sentencepiece as spm
 
 CHAR_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
+HF_FILE = "hf_tokenizer.json"  # data/hf_tokenizers.py: a tokenizer.json with flaxpod's metadata
 
 # Special ids of trained SentencePiece models. pad is 0 so that zero-filled arrays read as
 # padding; eos ends every document in the token stream; bos exists for finetuning formats.
@@ -363,14 +364,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if path.suffix == ".json":
             if is_char_tokenizer_file(path):
                 return CharTokenizer.load(path)
-            if path.name == hf_tokenizers.HF_FILE:
+            if path.name == HF_FILE:
                 return hf_tokenizers.HFTokenizer.load(path)
             return hf_tokenizers.HFTokenizer.from_hf_files(path)
         return SentencePieceTokenizer.load(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer {path}: no such directory or file")
-    if (path / hf_tokenizers.HF_FILE).is_file():
-        return hf_tokenizers.HFTokenizer.load(path / hf_tokenizers.HF_FILE)
+    if (path / HF_FILE).is_file():
+        return hf_tokenizers.HFTokenizer.load(path / HF_FILE)
     char, sp = path / CHAR_FILE, path / SENTENCEPIECE_FILE
     if char.is_file() and not sp.is_file() and is_char_tokenizer_file(char):
         return CharTokenizer.load(char)
@@ -378,15 +379,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return SentencePieceTokenizer.load(sp)
     found = hf_tokenizer.read_hf_tokenizer(path)
     if found is None:
-        raise FileNotFoundError(
-            f"no tokenizer in {path}: expected {CHAR_FILE} or {SENTENCEPIECE_FILE} (or {hf_tokenizers.HF_FILE})"
-        )
+        raise FileNotFoundError(f"no tokenizer in {path}: expected {CHAR_FILE} or {SENTENCEPIECE_FILE} (or {HF_FILE})")
     return found
 
 
 def has_tokenizer(directory: str | Path) -> bool:
     """True if `directory` holds a saved tokenizer file."""
-    return any((Path(directory) / f).is_file() for f in (CHAR_FILE, SENTENCEPIECE_FILE, "hf_tokenizer.json"))
+    return any((Path(directory) / f).is_file() for f in (CHAR_FILE, SENTENCEPIECE_FILE, HF_FILE))
 
 
 def train_tokenizer_of_kind(kind: str, texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:
