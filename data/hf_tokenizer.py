@@ -98,7 +98,7 @@ def _is_flaxpod_sentencepiece(hf_dir: Path, tok: SentencePieceTokenizer) -> bool
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     except ValueError as e:
         raise ValueError(f"{config_path}: not valid JSON: {e}") from None
-    return tok.is_segmentable and config.get("add_bos_token") is False
+    return tok.is_segmentable and config.get("add_bos_token") is not True
 
 
 def read_hf_tokenizer(hf_dir: Path) -> Tokenizer | None:
