@@ -52,7 +52,7 @@ from flaxpod.data.documents import (
 )
 from flaxpod.data.progress import Progress
 from flaxpod.data.shard_builder import SPLITS, STATE_DIR, ShardBuilder, TokenizerPool
-from flaxpod.data.shards import write_json
+from flaxpod.data.shards import FORMAT, write_json
 from flaxpod.data.tokenizer import Tokenizer
 from flaxpod.data.tokenizer_training import (
     DEFAULT_SAMPLE_BYTES,
@@ -61,7 +61,6 @@ from flaxpod.data.tokenizer_training import (
     train_tokenizer_on_inputs,
 )
 
-FORMAT = "flaxpod-prepared-dataset"
 FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_SHARD_BYTES = 64 << 20
@@ -273,12 +272,12 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_size(text: str) -> int:
-    """'64M', '1G', '500k' or '1048576' -> bytes (powers of 1024)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
+    """'64M', '5GB', '1.5GiB', '500k' or '1048576' -> bytes (powers of 1024); an argparse `type`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
     if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 64M or 1048576, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a size like 64M, 5GB or 1048576, got {text!r}")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    return int(match.group(1)) * scale[match.group(2).lower()]
+    return int(float(match.group(1)) * scale[match.group(2).lower()])
 
 
 def _add_tokenizer_training_args(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,9 @@
-"""Train a tokenizer (SentencePiece, or a byte-level BPE with `tokenizers`) on a sample of raw
-inputs, or load a given one.
+"""Which tokenizer a job uses: one it saved before, a given one, or one trained here (SentencePiece,
+or a byte-level BPE with `tokenizers`).
 
-Shared by `flaxpod tokenizer` (train only) and `flaxpod prepare` (train, or reuse the one
-a previous run of the same command trained, so that re-running rewrites nothing).
+Shared by `flaxpod tokenizer` (train only), `flaxpod prepare` (train, or reuse the one a previous
+run of the same command trained, so that re-running rewrites nothing) and training runs (the run's
+saved tokenizer, else `tokenizer.path`, else one trained in memory on the run's text).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flaxpod.data.tokenizer import (
     has_tokenizer,
     load_tokenizer,
     train_sentencepiece,
+    train_tokenizer_of_kind,
 )
 
 DEFAULT_SAMPLE_BYTES = 256 << 20
@@ -28,13 +30,29 @@ DEFAULT_SAMPLE_BYTES = 256 << 20
 _SAMPLE_SALT = b"tokenizer-sample:"
 
 
-def load_tokenizer_arg(spec: str | os.PathLike) -> Tokenizer:
-    """The tokenizer named by --tokenizer: a flaxpod or Hugging Face tokenizer directory, a
-    tokenizer.json, or a SentencePiece `.model` file."""
+def load_tokenizer_arg(spec: str | os.PathLike, option: str = "--tokenizer") -> Tokenizer:
+    """The tokenizer named by `option` (--tokenizer, tokenizer.path): a flaxpod or Hugging Face tokenizer
+    directory, a tokenizer.json, or a SentencePiece `.model` file."""
     path = Path(spec)
     if path.exists():
         return load_tokenizer(path)
-    raise FileNotFoundError(f"--tokenizer {os.fspath(spec)!r}: no such directory or tokenizer file")
+    raise FileNotFoundError(f"{option} {os.fspath(spec)!r}: no such directory or tokenizer file")
+
+
+def saved_or_given_tokenizer(saved: Path, given: str | os.PathLike | None, option: str) -> Tokenizer | None:
+    """The tokenizer saved in `saved` (a resumed job keeps the one it started with), else the `given`
+    tokenizer (named by `option` in errors); None when there is neither and one must be trained."""
+    if has_tokenizer(saved):
+        return load_tokenizer(saved)
+    if given:
+        return load_tokenizer_arg(given, option)
+    return None
+
+
+def train_tokenizer_on_texts(kind: str, texts: list[str], *, vocab_size: int, model_type: str) -> Tokenizer:
+    """A `char`, `sentencepiece` or `huggingface` (byte-level BPE) tokenizer trained in memory on `texts`
+    (a training run's corpus)."""
+    return train_tokenizer_of_kind(kind, texts, vocab_size, model_type)
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:

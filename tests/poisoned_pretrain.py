@@ -5,6 +5,7 @@ nothing (the same program, for runs that share its compilation)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import flaxpod.train.loop
@@ -38,19 +39,15 @@ class PoisonedIterator:
         self.step = state["step"]
 
 
-TRAIN_ITER_ARG = 5  # position of train_iter in train.loop._train(cfg, run_dir, layout, train_step, eval_step, ...)
-
-
 def main() -> int:
     steps = set() if sys.argv[1] == "none" else {int(s) for s in sys.argv[1].split(",")}
-    train_fn = flaxpod.train.loop._train
+    load_run_data = flaxpod.train.loop.load_run_data
 
-    def poisoned_train(*args, **kwargs):
-        args = list(args)
-        args[TRAIN_ITER_ARG] = PoisonedIterator(args[TRAIN_ITER_ARG], steps)
-        return train_fn(*args, **kwargs)
+    def poisoned_run_data(*args, **kwargs):
+        data = load_run_data(*args, **kwargs)
+        return dataclasses.replace(data, train_iter=PoisonedIterator(data.train_iter, steps))
 
-    flaxpod.train.loop._train = poisoned_train
+    flaxpod.train.loop.load_run_data = poisoned_run_data
     return flaxpod.train.pretrain.main(sys.argv[2:])
 
 

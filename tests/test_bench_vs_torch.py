@@ -8,7 +8,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 
 from flaxpod.model.transformer import Transformer  # noqa: E402
-from flaxpod.train.step import forward  # noqa: E402
+from flaxpod.train.objectives import forward  # noqa: E402
 
 from tools.bench_vs_torch import bench_config, parity_losses  # noqa: E402
 from tools.torch_reference import TorchTransformer, load_flaxpod_params  # noqa: E402

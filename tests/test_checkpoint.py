@@ -15,22 +15,17 @@ import pytest
 from etils import epath
 from flaxpod.data.tokenizer import CharTokenizer
 from flaxpod.sharding.mesh import build_mesh
-from flaxpod.train.checkpoint import (
+from flaxpod.train.checkpoint import Checkpointer, CheckpointWriteError, make_run_info
+from flaxpod.train.checkpoint_files import (
     COMMIT_FILE,
     UNUSABLE,
-    Checkpointer,
     CheckpointError,
-    CheckpointWriteError,
     committed_steps,
-    make_run_info,
-    read_run_info,
-    restore_params,
-    save_params,
     steps_to_delete,
-    tokenizer_from_run_info,
     write_commit,
 )
 from flaxpod.train.config import Config, to_dict
+from flaxpod.train.run_dir import read_run_info, restore_params, save_params, tokenizer_from_run_info
 from jax.sharding import SingleDeviceSharding
 
 from tests.tiny_setup import MODEL, assert_bitwise_equal, random_state, tiny
@@ -67,7 +62,7 @@ def test_async_save_restores_exactly_after_donation(tmp_path, sharded):
     ck.close()
     assert restored.step == 3 and restored.data_state == {"next_index": 3}
     assert_bitwise_equal(restored.state, states[2])
-    assert restored.state["params"]["embed"].sharding == t.layout.shardings["params"]["embed"]
+    assert restored.state.params["embed"].sharding == t.layout.shardings.params["embed"]
     assert restored.run_info["config"]["model"]["d_model"] == MODEL.d_model
     step, info = read_run_info(tmp_path)
     assert step == 3 and tokenizer_from_run_info(info).fingerprint() == TOKENIZER.fingerprint()
@@ -84,8 +79,8 @@ def test_restore_on_other_meshes(tmp_path, sharded):
         restored = ck.restore_latest(t.layout)
         ck.close()
         assert_bitwise_equal(restored.state, states[2])
-        up = restored.state["params"]["blocks"]["mlp"]["up"]
-        assert up.sharding == t.layout.shardings["params"]["blocks"]["mlp"]["up"]
+        up = restored.state.params["blocks"]["mlp"]["up"]
+        assert up.sharding == t.layout.shardings.params["blocks"]["mlp"]["up"]
         assert len(up.sharding.device_set) == np.prod(shape)
 
 
@@ -96,12 +91,12 @@ def test_restore_params_only(tmp_path, sharded):
     shutil.rmtree(tmp_path / "checkpoints" / "2" / "train_state")
     params, step = restore_params(tmp_path, step=3)
     assert step == 3
-    assert_bitwise_equal(params, states[2]["params"])
+    assert_bitwise_equal(params, states[2].params)
     assert params["embed"].sharding.device_set == {jax.devices()[0]}
     mesh = build_mesh(1, 2, 2, devices=jax.devices()[:4])
     params, _ = restore_params(tmp_path, step=3, target=mesh)
     assert tuple(params["blocks"]["attn"]["q"].sharding.spec) == (None, "fsdp", "tensor", None)
-    assert_bitwise_equal(params, states[2]["params"])
+    assert_bitwise_equal(params, states[2].params)
     params, step = restore_params(tmp_path, target=t.layout)
     assert step == 3 and params["embed"].sharding == t.layout.param_shardings["embed"]
     with pytest.raises(CheckpointError, match="step 2 .* unusable: item 'train_state' is missing"):
@@ -181,14 +176,14 @@ def test_params_only_checkpoint(tmp_path, sharded):
     """save_params (imported weights) writes a committed checkpoint without optimizer state:
     restore_params reads it onto an abstract target, training refuses to resume from it."""
     t, states = sharded
-    params = jax.device_put(states[0]["params"], t.layout.param_shardings)
+    params = jax.device_put(states[0].params, t.layout.param_shardings)
     save_params(tmp_path, 5, params, RUN_INFO)
     assert committed_steps(tmp_path) == [5]
     one = SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), t.layout.shapes["params"])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), t.layout.shapes.params)
     restored, step = restore_params(tmp_path, target=target)
     assert step == 5 and restored["embed"].sharding == one
-    assert_bitwise_equal(restored, states[0]["params"])
+    assert_bitwise_equal(restored, states[0].params)
     with pytest.raises(CheckpointError, match="step 5 already exists"):
         save_params(tmp_path, 5, params)
     with pytest.raises(CheckpointError, match="holds parameters only"):
@@ -234,7 +229,7 @@ def test_failed_write_is_an_error_and_keeps_the_previous_checkpoint(tmp_path, sh
     assert committed_steps(tmp_path) == [1]
     params, step = restore_params(tmp_path)
     assert step == 1
-    assert_bitwise_equal(params, states[0]["params"])
+    assert_bitwise_equal(params, states[0].params)
 
 
 def test_commit_file_lists_every_file(tmp_path, sharded):

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from flaxpod.data.tokenizer import train_char_tokenizer
+from flaxpod.model.errors import InputError
 from flaxpod.sharding.mesh import build_mesh
 from flaxpod.sharding.rules import make_rules
 from flaxpod.train.checkpoint import Checkpointer
+from flaxpod.train.checkpoint_files import CheckpointError
 from flaxpod.train.cli import main as cli_main
 from flaxpod.train.config import Config, ModelConfig, TokenizerConfig, save_config
 from flaxpod.train.evaluate import (
@@ -138,16 +140,16 @@ def test_bad_jsonl_rows_name_the_line(tmp_path):
 
 
 def test_bad_run_directories(run_dir, tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="has no config.yaml"):
+    with pytest.raises(InputError, match="has no config.yaml"):
         load_run(tmp_path)
     empty = tmp_path / "empty"
     cfg = Config(run_dir=str(empty), model=_model_cfg(64), tokenizer=TokenizerConfig(kind="char"))
     empty.mkdir()
     save_config(cfg, empty / "config.yaml")
     train_char_tokenizer(TEXT).save(empty / "tokenizer")
-    with pytest.raises(FileNotFoundError, match="has no checkpoints"):
+    with pytest.raises(CheckpointError, match="no usable checkpoint in .*empty/checkpoints"):
         load_run(empty)
-    with pytest.raises(ValueError, match=r"--step 9: no checkpoint of that step .* available steps: \[5\]"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint step 9 in .* usable steps: \[5\]"):
         load_run(run_dir, step=9)
     other = tmp_path / "other"
     write_params_run(other, cfg, train_char_tokenizer(TEXT), load_run(run_dir, mesh=single_device_mesh()).params)
@@ -156,7 +158,7 @@ def test_bad_run_directories(run_dir, tmp_path, capsys):
         load_run(other)
     # The CLI turns these into one line and exit code 2.
     assert cli_main(["evaluate", str(run_dir), "--step", "9", "--val"]) == 2
-    assert "error: --step 9" in capsys.readouterr().err
+    assert "error: no checkpoint step 9" in capsys.readouterr().err
 
 
 def test_training_checkpoint_from_another_mesh(tmp_path):
@@ -178,7 +180,7 @@ def test_training_checkpoint_from_another_mesh(tmp_path):
     tok.save(tmp_path / "tokenizer")
     run = load_run(tmp_path, mesh=single_device_mesh())
     assert run.step == 3
-    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(state["params"]), strict=True):
+    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

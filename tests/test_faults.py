@@ -111,14 +111,12 @@ def test_nonfinite_step_changes_nothing_but_the_counters():
     before = host(state)
     state, metrics = t.step(state, t.put(batch(1, loss_mask=poisoned)))
     assert np.isnan(float(metrics["loss"])) and int(metrics["skipped_steps"]) == 1
-    assert_bitwise_equal(state["params"], before["params"])
-    assert_bitwise_equal(state["opt_state"], before["opt_state"])
-    assert int(state["step"]) == 2 and int(state["skipped_steps"]) == 1
+    assert_bitwise_equal(state.params, before.params)
+    assert_bitwise_equal(state.opt_state, before.opt_state)
+    assert int(state.step) == 2 and int(state.skipped_steps) == 1
     state, metrics = t.step(state, t.put(batch(2, loss_mask=ones)))
     assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped_steps"]) == 1
-    changed = jax.tree.leaves(
-        jax.tree.map(lambda a, b: not np.array_equal(a, b), host(state["params"]), before["params"])
-    )
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), host(state.params), before.params))
     assert all(changed)
 
 

@@ -20,8 +20,9 @@ import jax
 import numpy as np
 import pytest
 from flaxpod.sharding.launch import xla_flags_with_device_count
-from flaxpod.train.checkpoint import committed_steps, restore_params
+from flaxpod.train.checkpoint_files import committed_steps
 from flaxpod.train.faults import EXIT_CHECKPOINT_WRITE, EXIT_NONFINITE, EXIT_STOPPED
+from flaxpod.train.run_dir import restore_params
 
 from tools.resume_check import (
     compare_runs,

@@ -5,16 +5,24 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from flaxpod.model.axes import activation_sharding
-from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
-from flaxpod.sharding.rules import activation_resolver, logical_to_spec, make_rules
+from flaxpod.sharding.mesh import build_mesh, sharding_table
+from flaxpod.sharding.rules import logical_to_spec, make_rules
 from flaxpod.train.config import ModelConfig, OptimConfig
+from flaxpod.train.objectives import CausalLM
 from flaxpod.train.optimizer import make_optimizer
-from flaxpod.train.state import init_state, make_layout
-from flaxpod.train.step import compile_train_step, make_train_step
+from flaxpod.train.state import make_layout
+from flaxpod.train.trainer import Trainer
 
 CFG = ModelConfig(
-    family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=16, vocab_size=128, tie_embeddings=False
+    family="llama",
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    d_model=32,
+    d_ff=128,  # the shard-shape check below assumes it
+    seq_len=16,
+    vocab_size=128,
+    tie_embeddings=False,
 )
 RNG = np.random.default_rng(0)
 BATCHES = [
@@ -29,19 +37,15 @@ BATCHES = [
 def train(mesh_shape, *, grad_accum=1, rules="fsdp_tp", cfg=CFG):
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=1, lr=1e-2), 10)
     mesh = build_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
-    rule_table = make_rules(rules)
-    layout = make_layout(cfg, tx, mesh, rule_table)
-    b_sharding = batch_sharding(mesh, rule_table)
-    with activation_sharding(activation_resolver(mesh, rule_table)):
-        step = compile_train_step(make_train_step(layout, tx, schedule, grad_accum=grad_accum), layout, b_sharding)
-        state = init_state(cfg, tx, layout, seed=0)
-        losses, norms = [], []
-        for batch in BATCHES:
-            state, metrics = step(state, put_batch(batch, b_sharding))
-            losses.append(float(metrics["loss"]))
-            norms.append(float(metrics["grad_norm"]))
-    params = jax.tree.map(np.asarray, state["params"])
-    return np.array(losses), np.array(norms), params, layout
+    trainer = Trainer(cfg, mesh, make_rules(rules), tx, schedule, CausalLM(), grad_accum=grad_accum)
+    state = trainer.init_state(seed=0)
+    losses, norms = [], []
+    for batch in BATCHES:
+        state, metrics = trainer.step(state, trainer.put(batch))
+        losses.append(float(metrics["loss"]))
+        norms.append(float(metrics["grad_norm"]))
+    params = jax.tree.map(np.asarray, state.params)
+    return np.array(losses), np.array(norms), params, trainer.layout
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +90,8 @@ def test_rules_and_table():
         make_rules("fsdp", {"mlp": "model"})
     tx, _ = make_optimizer(OptimConfig(), 10)
     layout = make_layout(CFG, tx, mesh, make_rules("fsdp_tp"))
-    table = sharding_table(layout.shapes["params"], layout.param_shardings)
+    table = sharding_table(layout.shapes.params, layout.param_shardings)
     assert "blocks/mlp/up" in table and "P(None, 'fsdp', 'tensor')" in table
     # optimizer moments are split like their parameters
-    mu = layout.shardings["opt_state"][1][0].mu["blocks"]["mlp"]["up"]
+    mu = layout.shardings.opt_state[1][0].mu["blocks"]["mlp"]["up"]
     assert mu == layout.param_shardings["blocks"]["mlp"]["up"]

@@ -7,13 +7,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from flaxpod.model.axes import activation_sharding
-from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
-from flaxpod.sharding.rules import activation_resolver, make_rules
+from flaxpod.sharding.mesh import build_mesh
+from flaxpod.sharding.rules import make_rules
 from flaxpod.train.config import ModelConfig, OptimConfig
+from flaxpod.train.objectives import CausalLM
 from flaxpod.train.optimizer import make_optimizer
-from flaxpod.train.state import StateLayout, make_layout
-from flaxpod.train.step import compile_train_step, make_train_step
+from flaxpod.train.state import StateLayout, TrainState
+from flaxpod.train.trainer import Trainer
 
 MODEL = ModelConfig(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=8, vocab_size=64)
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=2)
@@ -22,41 +22,41 @@ BATCH = 8
 
 @dataclass
 class Tiny:
-    layout: StateLayout
-    step: Any  # jitted (state, batch) -> (state, metrics)
-    batch_sharding: Any
-    tx: Any
+    trainer: Trainer
 
-    def init(self, seed: int = 0):
-        """A fresh state like train.state.init_state's, made eagerly: no compilation of the
+    @property
+    def layout(self) -> StateLayout:
+        return self.trainer.layout
+
+    @property
+    def step(self):  # jitted (state, batch) -> (state, metrics)
+        return self.trainer.step
+
+    def init(self, seed: int = 0) -> TrainState:
+        """A fresh state like Trainer.init_state's, made eagerly: no compilation of the
         model's initializers (slow on a busy 2-core machine), the same tree and shardings."""
         rng = np.random.default_rng(seed)
         params = jax.tree.map(
-            lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), self.layout.shapes["params"]
+            lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), self.layout.shapes.params
         )
-        state = {
-            "params": params,
-            "opt_state": self.tx.init(params),
-            "step": np.zeros((), np.int32),
-            "rng": jax.random.PRNGKey(seed),
-            "skipped_steps": np.zeros((), np.int32),
-        }
+        state = TrainState(
+            params=params,
+            opt_state=self.trainer.tx.init(params),
+            step=np.zeros((), np.int32),
+            rng=jax.random.PRNGKey(seed),
+            skipped_steps=np.zeros((), np.int32),
+        )
         return jax.device_put(state, self.layout.shardings)
 
     def put(self, batch: dict[str, np.ndarray]):
-        return put_batch(batch, self.batch_sharding)
+        return self.trainer.put(batch)
 
 
 def tiny(data: int = 1, fsdp: int = 1, tensor: int = 1, *, rules: str = "fsdp_tp") -> Tiny:
     """The tiny model on the first data*fsdp*tensor devices."""
     mesh = build_mesh(data, fsdp, tensor, devices=jax.devices()[: data * fsdp * tensor])
-    r = make_rules(rules)
     tx, schedule = make_optimizer(OPTIM, total_steps=100)
-    layout = make_layout(MODEL, tx, mesh, r)
-    b_sharding = batch_sharding(mesh, r)
-    with activation_sharding(activation_resolver(mesh, r)):
-        step = compile_train_step(make_train_step(layout, tx, schedule), layout, b_sharding)
-    return Tiny(layout, step, b_sharding, tx)
+    return Tiny(Trainer(MODEL, mesh, make_rules(rules), tx, schedule, CausalLM()))
 
 
 def random_state(layout: StateLayout, seed: int) -> Any:

@@ -21,14 +21,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flaxpod.model.axes import activation_sharding
-from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
-from flaxpod.sharding.rules import activation_resolver, make_rules
-from flaxpod.train.checkpoint import Checkpointer, directory_bytes, params_bytes, restore_params
-from flaxpod.train.config import check_against_devices, load_config
-from flaxpod.train.optimizer import make_optimizer
-from flaxpod.train.state import init_state, make_layout
-from flaxpod.train.step import compile_train_step, make_train_step
+from flaxpod.train.checkpoint import Checkpointer, directory_bytes, params_bytes
+from flaxpod.train.config import load_config
+from flaxpod.train.run_dir import restore_params
+from flaxpod.train.trainer import Trainer
 
 
 def timed_steps(step_fn, state, batch, n: int):
@@ -44,21 +40,14 @@ def bench(config: str, overrides: list[str], *, saves: int, steps: int) -> dict[
     cfg = load_config(config, overrides)
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = 4096  # no tokenizer here: the size a small SentencePiece model has
-    cfg.model.max_seq_len = cfg.model.max_seq_len or cfg.model.seq_len
-    mesh = build_mesh(*check_against_devices(cfg, jax.device_count()))
-    rules = make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    layout = make_layout(cfg.model, tx, mesh, rules)
-    b_sharding = batch_sharding(mesh, rules)
-    with activation_sharding(activation_resolver(mesh, rules)):
-        step_fn = compile_train_step(
-            make_train_step(layout, tx, schedule, grad_accum=cfg.train.grad_accum), layout, b_sharding
-        )
+    cfg.model.max_seq_len = cfg.model.max_len
+    trainer = Trainer.from_config(cfg)
+    step_fn, layout = trainer.step, trainer.layout
     tokens = np.random.default_rng(0).integers(
         0, cfg.model.vocab_size, (cfg.data.batch_size, cfg.model.seq_len + 1), dtype=np.int32
     )
-    batch = put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, b_sharding)
-    state = init_state(cfg.model, tx, layout, cfg.seed)
+    batch = trainer.put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    state = trainer.init_state(cfg.seed)
     state, _ = timed_steps(step_fn, state, batch, 3)  # compile and warm up
     plain, during, blocked, written = [], [], [], []
     with tempfile.TemporaryDirectory() as run_dir:
@@ -91,8 +80,8 @@ def bench(config: str, overrides: list[str], *, saves: int, steps: int) -> dict[
     med = statistics.median
     return {
         "config": " ".join([Path(config).name, *overrides]) or config,
-        "params_M": sum(x.size for x in jax.tree.leaves(state["params"])) / 1e6,
-        "params_MB": params_bytes(state["params"]) / 1e6,
+        "params_M": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+        "params_MB": params_bytes(state.params) / 1e6,
         "state_MB": params_bytes(state) / 1e6,
         "ckpt_MB": size / 1e6,
         "step_ms": 1e3 * med(plain),

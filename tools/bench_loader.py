@@ -78,13 +78,8 @@ def bench(
 def training_tokens_per_sec(config_path: str, seq_len: int, rows: int, steps: int = 2) -> float:
     """Tokens/s of the config's compiled train step on this machine (compile excluded)."""
     import jax
-    from flaxpod.model.axes import activation_sharding
-    from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
-    from flaxpod.sharding.rules import activation_resolver, make_rules
     from flaxpod.train.config import load_config
-    from flaxpod.train.optimizer import make_optimizer
-    from flaxpod.train.state import init_state, make_layout
-    from flaxpod.train.step import compile_train_step, make_train_step
+    from flaxpod.train.trainer import Trainer
 
     n = jax.device_count()
     cfg = load_config(
@@ -100,22 +95,16 @@ def training_tokens_per_sec(config_path: str, seq_len: int, rows: int, steps: in
     )
     model_cfg = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=32768)
     model_cfg = dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, seq_len))
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    mesh = build_mesh(n, 1, 1)
-    rules = make_rules(cfg.mesh.rules)
-    layout = make_layout(model_cfg, tx, mesh, rules)
-    b_sharding = batch_sharding(mesh, rules)
+    trainer = Trainer.from_config(dataclasses.replace(cfg, model=model_cfg))
     tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (rows, seq_len + 1)).astype(np.int32)
-    batch = put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, b_sharding)
-    with activation_sharding(activation_resolver(mesh, rules)):
-        step = compile_train_step(make_train_step(layout, tx, schedule), layout, b_sharding)
-        state = init_state(model_cfg, tx, layout, 0)
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
+    batch = trainer.put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    state = trainer.init_state(0)
+    state, metrics = trainer.step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = trainer.step(state, batch)
+    jax.block_until_ready(metrics)
     return steps * rows * seq_len / (time.perf_counter() - start)
 
 

@@ -33,16 +33,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flaxpod.model.axes import activation_sharding
-from flaxpod.model.transformer import count_params
-from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
-from flaxpod.sharding.rules import activation_resolver, make_rules
 from flaxpod.train.config import Config, ConfigError, load_config
 from flaxpod.train.flops import flops_per_token, measure_matmul_flops
 from flaxpod.train.loop import VOCAB_MULTIPLE
 from flaxpod.train.optimizer import make_optimizer
-from flaxpod.train.state import init_state, make_layout
-from flaxpod.train.step import compile_train_step, make_train_step
+from flaxpod.train.trainer import Trainer
 
 DEFAULT_CONFIG = "configs/shakespeare_char.yaml"
 CHAR_VOCAB = 65  # tiny shakespeare's characters, as nanoGPT's shakespeare_char
@@ -58,7 +53,7 @@ def bench_config(path: str, overrides: list[str], vocab: int) -> Config:
     if m.vocab_size and vocab > m.vocab_size:
         raise ConfigError(f"--vocab: {vocab} token ids do not fit model.vocab_size={m.vocab_size}")
     rows = m.vocab_size or -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    model = dataclasses.replace(m, vocab_size=rows, max_seq_len=m.max_seq_len or m.seq_len)
+    model = dataclasses.replace(m, vocab_size=rows, max_seq_len=m.max_len)
     from tools.torch_reference import check_supported
 
     check_supported(model)
@@ -109,30 +104,19 @@ class FlaxpodBuild:
 
 def build_flaxpod(cfg: Config, name: str = "flaxpod") -> FlaxpodBuild:
     """The real training code on a one-device mesh, exactly as train/loop.py assembles it."""
-    mesh = build_mesh(1, 1, 1, devices=jax.devices()[:1])
-    rules = make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    layout = make_layout(cfg.model, tx, mesh, rules)
-    b_sharding = batch_sharding(mesh, rules)
-    resolver = activation_resolver(mesh, rules)
-    step_fn = compile_train_step(
-        make_train_step(layout, tx, schedule, grad_accum=cfg.train.grad_accum, z_loss=cfg.optim.z_loss, dropout=False),
-        layout,
-        b_sharding,
-    )
-    holder = {"state": init_state(cfg.model, tx, layout, cfg.seed)}
-    initial = jax.tree.map(np.asarray, jax.device_get(holder["state"]["params"]))
+    one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1))
+    trainer = Trainer.from_config(one_device, devices=jax.devices()[:1])
+    holder = {"state": trainer.init_state(cfg.seed)}
+    initial = jax.tree.map(np.asarray, jax.device_get(holder["state"].params))
 
     def step(batch: NpBatch):
-        # The resolver must be installed while the step is traced (its first call).
-        with activation_sharding(resolver):
-            holder["state"], metrics = step_fn(holder["state"], put_batch(batch, b_sharding))
+        holder["state"], metrics = trainer.step(holder["state"], trainer.put(batch))
         return metrics["loss"]
 
     def wait(loss) -> float:
         return float(jax.block_until_ready(loss))
 
-    n_nonembed = count_params(layout.shapes["params"], exclude_embeddings=True)
+    n_nonembed = trainer.param_counts()[1]
     return FlaxpodBuild(Side(name, step, wait), initial, n_nonembed)
 
 

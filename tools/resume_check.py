@@ -55,7 +55,7 @@ def last_metric_step(run_dir: Path) -> int:
 
 
 def is_committed(run_dir: Path, step: int) -> bool:
-    from flaxpod.train.checkpoint import CHECKPOINTS, COMMIT_FILE
+    from flaxpod.train.checkpoint_files import CHECKPOINTS, COMMIT_FILE
 
     return (run_dir / CHECKPOINTS / str(step) / COMMIT_FILE).exists()
 
@@ -103,7 +103,7 @@ class Comparison:
 
 def compare_runs(reference: Path, other: Path, *, from_step: int = 0) -> Comparison:
     """Metric rows after `from_step` and the final parameters, compared bit for bit."""
-    from flaxpod.train.checkpoint import restore_params
+    from flaxpod.train.run_dir import restore_params
 
     result = Comparison()
     ref, oth = metric_rows(reference), metric_rows(other)

@@ -1,20 +1,10 @@
-"""Checkpoints that never lose a run: complete or invisible, verified on restore, restorable on any mesh.
-
-One checkpoint is one Orbax step, RUN_DIR/checkpoints/<step>/:
-
-    params/          model parameters (Orbax PyTree)
-    train_state/     the rest of the train state: optimizer state, step, RNG key, skipped-step count
-    data/            every process's data-iterator state, process_<i>-of-<n>.json (a JSON-able dict each)
-    run/             the resolved config and the tokenizer (JSON), so a checkpoint stands on its own
-    flaxpod_commit.json   written last, once Orbax has finished: the size of every file above
+"""Writing checkpoints during training so that no run is ever lost: complete or invisible, verified
+on resume, restorable on any mesh. The format is in train/checkpoint_files.py; reading a finished
+run (evaluation, generation, export, finetuning's base) is train/run_dir.py.
 
 Orbax writes a step under a temporary name and renames it when done; after that a background
-thread writes the commit file. A step directory without a commit file is invisible (a save that
-was cut short), and one whose files do not match their recorded sizes, or that fails to restore,
-is skipped with a warning naming the step: resuming uses the newest usable one. Asking for a step
-explicitly never falls back: an unusable step is an error.
-
-A params-only checkpoint (`save_params`: imported weights) has just `params/` and `run/`.
+thread writes the commit file. Resuming skips (and moves aside) steps that fail their checks or
+their restore, with a warning naming the step, and uses the newest usable one.
 
 Retention is ours, not Orbax's, so that only committed checkpoints count: the newest `keep`
 plus, permanently, every step that is a multiple of `keep_every`.
@@ -26,15 +16,11 @@ reshards a checkpoint written on another mesh or device count.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import shutil
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,120 +30,34 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flaxpod.model.errors import FlaxpodError, InputError
+from flaxpod.model.errors import FlaxpodError
+from flaxpod.train.checkpoint_files import (
+    COMMIT_FILE,
+    DATA,
+    PARAMS,
+    RUN,
+    TMP_MARK,
+    TRAIN_STATE,
+    UNUSABLE,
+    CheckpointError,
+    abstract,
+    check_step,
+    checkpoints_dir,
+    committed_steps,
+    reader,
+    step_dirs,
+    steps_to_delete,
+    warn,
+    write_commit,
+)
 from flaxpod.train.faults import EXIT_CHECKPOINT_WRITE
 from flaxpod.train.state import StateLayout, TrainState
-from jax.sharding import Mesh, SingleDeviceSharding
-
-CHECKPOINTS = "checkpoints"
-UNUSABLE = "checkpoints_unusable"  # where unusable steps are moved, next to CHECKPOINTS
-COMMIT_FILE = "flaxpod_commit.json"
-PARAMS, TRAIN_STATE, DATA, RUN = "params", "train_state", "data", "run"
-REQUIRED_ITEMS = (PARAMS,)  # params-only checkpoints (save_params) have no train_state
-_TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-class CheckpointError(InputError):
-    """A checkpoint that was asked for is missing or unusable, or a run directory has none usable."""
 
 
 class CheckpointWriteError(FlaxpodError, OSError):
     """Writing a checkpoint failed (disk full, run directory not writable); earlier ones are intact."""
 
     exit_code = EXIT_CHECKPOINT_WRITE
-
-
-def warn(message: str) -> None:
-    if jax.process_index() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Step directories, commit files and their checks
-
-
-def checkpoints_dir(run_dir: str | Path) -> epath.Path:
-    """RUN_DIR/checkpoints (absolute: Orbax requires it; URLs such as gs://... are kept as they are)."""
-    text = str(run_dir)
-    return epath.Path(text if "://" in text else os.path.abspath(text)) / CHECKPOINTS
-
-
-def step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
-    """Step number -> directory, for every directory named by a number (Orbax's temporary
-    `<step>.orbax-checkpoint-tmp*` directories are not steps)."""
-    if not directory.exists():
-        return {}
-    return {int(p.name): p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()}
-
-
-def _files(root: epath.Path) -> dict[str, int]:
-    """Relative path -> size of every file below root (without recursive globbing, which
-    epath refuses on cloud storage)."""
-    out: dict[str, int] = {}
-    pending = [root]
-    while pending:
-        directory = pending.pop()
-        for p in directory.iterdir():
-            if p.is_dir():
-                pending.append(p)
-            elif p.name != COMMIT_FILE:
-                out[str(p.relative_to(root))] = p.stat().length
-    return out
-
-
-def write_commit(step_dir: epath.Path, step: int) -> None:
-    """Records every file's size, then renames the record into place: the step is committed."""
-    record = {"step": step, "time": time.time(), "files": dict(sorted(_files(step_dir).items()))}
-    tmp = step_dir / f".{COMMIT_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=0))
-    tmp.replace(step_dir / COMMIT_FILE)
-
-
-def check_step(step_dir: epath.Path) -> str | None:
-    """What is wrong with a step directory, or None if it is a complete checkpoint."""
-    commit = step_dir / COMMIT_FILE
-    if not commit.exists():
-        return f"no {COMMIT_FILE} (the save never completed)"
-    try:
-        files = json.loads(commit.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        return f"unreadable {COMMIT_FILE} ({e})"
-    items = set(REQUIRED_ITEMS) | {name.split("/")[0] for name in files if "/" in name}
-    for item in sorted(items):
-        if not (step_dir / item).exists():
-            return f"item '{item}' is missing"
-    for name, size in files.items():
-        path = step_dir / name
-        if not path.exists():
-            return f"file {name} is missing"
-        actual = path.stat().length
-        if actual != size:
-            return f"file {name} has {actual} bytes, {size} were written"
-    return None
-
-
-def committed_steps(run_dir: str | Path) -> list[int]:
-    """Steps with a valid commit record, oldest first (no array is read)."""
-    return sorted(s for s, d in step_dirs(checkpoints_dir(run_dir)).items() if check_step(d) is None)
-
-
-def steps_to_delete(steps: list[int], keep: int, keep_every: int = 0) -> list[int]:
-    """Committed steps outside the policy: not among the newest `keep`, and not a multiple of
-    `keep_every` (those stay permanently)."""
-    newest = set(sorted(steps)[-keep:]) if keep > 0 else set()
-    return [s for s in sorted(steps) if s not in newest and not (keep_every and s % keep_every == 0)]
-
-
-def _resolve_step(directory: epath.Path, step: int) -> epath.Path:
-    """The directory of an explicitly requested step, which must be usable."""
-    dirs = step_dirs(directory)
-    if step not in dirs:
-        available = sorted(s for s, d in dirs.items() if check_step(d) is None)
-        raise CheckpointError(f"no checkpoint step {step} in {directory}; usable steps: {available or 'none'}")
-    problem = check_step(dirs[step])
-    if problem:
-        raise CheckpointError(f"checkpoint step {step} in {directory} is unusable: {problem}")
-    return dirs[step]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,25 +99,12 @@ def make_run_info(config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _abstract(shapes: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def _data_process_count(step_dir: epath.Path) -> int | None:
     data = step_dir / DATA
     if not data.exists():
         return None
     counts = {int(p.name.split("-of-")[1].split(".")[0]) for p in data.iterdir() if "-of-" in p.name}
     return counts.pop() if len(counts) == 1 else None
-
-
-@contextlib.contextmanager
-def _reader() -> Iterator[ocp.Checkpointer]:
-    reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-        yield reader
-    finally:
-        reader.close()
 
 
 @dataclass
@@ -241,18 +128,16 @@ def _restore(step_dir: epath.Path, layout: StateLayout) -> Restored:
             f"{step_dir}: holds the data-iterator state of {saved_processes} processes, this run has "
             f"{jax.process_count()}; resume with {saved_processes} processes (the data order depends on it)"
         )
-    rest_shapes = {k: v for k, v in layout.shapes.items() if k != PARAMS}
-    rest_shardings = {k: v for k, v in layout.shardings.items() if k != PARAMS}
     args: dict[str, Any] = {
-        PARAMS: ocp.args.StandardRestore(_abstract(layout.shapes[PARAMS], layout.shardings[PARAMS])),
-        TRAIN_STATE: ocp.args.StandardRestore(_abstract(rest_shapes, rest_shardings)),
+        PARAMS: ocp.args.StandardRestore(abstract(layout.shapes.params, layout.shardings.params)),
+        TRAIN_STATE: ocp.args.StandardRestore(abstract(layout.shapes.rest(), layout.shardings.rest())),
         RUN: ocp.args.JsonRestore(),
     }
     if saved_processes is not None:
         args[DATA] = grain.checkpoint.CheckpointRestore(IteratorStateBox())
-    with _reader() as reader:
-        out = reader.restore(step_dir, args=ocp.args.Composite(**args))
-    state = {PARAMS: out[PARAMS], **out[TRAIN_STATE]}
+    with reader() as handle:
+        out = handle.restore(step_dir, args=ocp.args.Composite(**args))
+    state = TrainState(params=out[PARAMS], **out[TRAIN_STATE])
     data_state = out[DATA].state if saved_processes is not None else None
     return Restored(int(step_dir.name), state, data_state, out[RUN])
 
@@ -282,6 +167,7 @@ class Checkpointer:
         self.directory = checkpoints_dir(run_dir)
         self.keep, self.keep_every, self.run_info = keep, keep_every, run_info or {}
         self.async_save = async_save
+        self.protected: set[int] = set()  # kept whatever the retention policy (the best step of a finetuning run)
         self._writer = ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
         self._committer: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -299,8 +185,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             self._prepare_directory()
         args: dict[str, Any] = {
-            PARAMS: ocp.args.StandardSave(state[PARAMS]),
-            TRAIN_STATE: ocp.args.StandardSave({k: v for k, v in state.items() if k != PARAMS}),
+            PARAMS: ocp.args.StandardSave(state.params),
+            TRAIN_STATE: ocp.args.StandardSave(state.rest()),
             RUN: ocp.args.JsonSave(self.run_info),
         }
         if data_state is not None:
@@ -339,6 +225,8 @@ class Checkpointer:
         # requests per save on cloud storage; damaged steps are found when a run resumes.
         committed = [s for s, d in step_dirs(self.directory).items() if (d / COMMIT_FILE).exists()]
         for old in steps_to_delete(committed, self.keep, self.keep_every):
+            if old in self.protected:
+                continue
             shutil.rmtree(self.directory / str(old), ignore_errors=True)
 
     def _finish_pending(self) -> None:
@@ -433,132 +321,8 @@ class Checkpointer:
         if jax.process_index() != 0 or not self.directory.exists():
             return
         for p in self.directory.iterdir():
-            if _TMP_MARK in p.name:
+            if TMP_MARK in p.name:
                 shutil.rmtree(p, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a checkpoint outside training (evaluation, export, finetuning)
-
-
-def find_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[int, epath.Path]:
-    """(step, directory) of `step`, or of the newest usable checkpoint when step is None.
-
-    Newer unusable steps are skipped with a warning; an explicit step that is missing or
-    unusable raises CheckpointError. Reads no array.
-    """
-    directory = checkpoints_dir(run_dir)
-    if step is not None:
-        return step, _resolve_step(directory, step)
-    dirs = step_dirs(directory)
-    for s in sorted(dirs, reverse=True):
-        problem = check_step(dirs[s])
-        if problem is None:
-            return s, dirs[s]
-        warn(f"checkpoint step {s} in {directory} is unusable: {problem}; skipping it")
-    raise CheckpointError(f"no usable checkpoint in {directory}")
-
-
-def read_run_info(run_dir: str | Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
-    """(step, run item) of a checkpoint: {'config': resolved config dict, 'tokenizer': {...}}."""
-    step, step_dir = find_checkpoint(run_dir, step)
-    with _reader() as reader:
-        out = reader.restore(step_dir, args=ocp.args.Composite(**{RUN: ocp.args.JsonRestore()}))
-    return step, out[RUN]
-
-
-def tokenizer_from_run_info(run_info: dict[str, Any]):
-    """The tokenizer stored in a checkpoint's run item."""
-    from flaxpod.data.tokenizer import load_tokenizer
-
-    tok = run_info["tokenizer"]
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, tok["filename"]).write_bytes(base64.b64decode(tok["base64"]))
-        return load_tokenizer(tmp)
-
-
-def _param_target(run_info: dict[str, Any], target: Any) -> Any:
-    """Abstract params with shardings: the layout's, the config's rules on a mesh, one device, or
-    `target` itself when it already is a tree of jax.ShapeDtypeStruct."""
-    if isinstance(target, StateLayout):
-        return _abstract(target.shapes[PARAMS], target.param_shardings)
-    if _is_abstract_tree(target):
-        return target
-    if target is not None and not isinstance(target, Mesh):
-        raise TypeError(
-            f"restore_params: target must be a StateLayout, a Mesh, a tree of jax.ShapeDtypeStruct or None, "
-            f"got {type(target).__name__}"
-        )
-    from flax import nnx
-    from flaxpod.sharding.mesh import param_shardings
-    from flaxpod.sharding.rules import make_rules
-    from flaxpod.train.config import config_from_dict
-    from flaxpod.train.state import abstract_model
-
-    cfg = config_from_dict(run_info["config"])
-    _, abstract = abstract_model(cfg.model)
-    shapes = nnx.to_pure_dict(abstract)
-    if isinstance(target, Mesh):
-        shardings = param_shardings(abstract, target, make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides))
-    else:
-        device = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, shapes)
-    return _abstract(shapes, shardings)
-
-
-def restore_params(
-    run_dir: str | Path,
-    step: int | None = None,
-    target: StateLayout | Mesh | Any | None = None,
-) -> tuple[dict, int]:
-    """Reads only the parameters of a checkpoint (no optimizer state): for evaluation, export
-    and finetuning. Returns (params as a pure dict, step).
-
-    run_dir: the run directory (holding checkpoints/). step: a step number, or None for the
-        newest usable checkpoint (newer unusable ones are skipped with a warning); an explicit
-        step that is missing or unusable raises CheckpointError (a ValueError).
-    target: where the arrays go. A StateLayout: its parameter shardings. A Mesh: the shardings
-        the checkpoint's own config (mesh.rules, mesh.rule_overrides) gives on that mesh. A tree
-        of jax.ShapeDtypeStruct with shardings: exactly those. None: every array whole on the first
-        device. Any mesh or device count works: the arrays are resharded as they are read.
-    """
-    step, step_dir = find_checkpoint(run_dir, step)
-    with _reader() as reader:
-        run_info = {}
-        if (step_dir / RUN).exists():
-            run_info = reader.restore(step_dir, args=ocp.args.Composite(**{RUN: ocp.args.JsonRestore()}))[RUN]
-        if "config" not in run_info and not isinstance(target, StateLayout) and not _is_abstract_tree(target):
-            raise CheckpointError(f"{step_dir}: has no run item (config); pass a StateLayout or abstract target")
-        abstract = _param_target(run_info, target)
-        out = reader.restore(step_dir, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract)}))
-    return out[PARAMS], step
-
-
-def _is_abstract_tree(target: Any) -> bool:
-    leaves = jax.tree.leaves(target) if target is not None and not isinstance(target, Mesh) else []
-    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-
-
-def save_params(run_dir: str | Path, step: int, params: dict, run_info: dict[str, Any] | None = None) -> Path:
-    """Writes a committed params-only checkpoint RUN_DIR/checkpoints/<step> (no optimizer state):
-    for weights imported from elsewhere, which evaluation, generation, export and finetuning then
-    read like any checkpoint (`restore_params`). Training cannot resume from it. Returns its path."""
-    directory = checkpoints_dir(run_dir)
-    if step in step_dirs(directory):
-        raise CheckpointError(f"checkpoint step {step} already exists in {directory}")
-    directory.mkdir(parents=True, exist_ok=True)
-    args: dict[str, Any] = {PARAMS: ocp.args.StandardSave(params)}
-    if run_info is not None:
-        args[RUN] = ocp.args.JsonSave(run_info)
-    step_dir = directory / str(step)
-    writer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-        writer.save(step_dir, args=ocp.args.Composite(**args))
-    finally:
-        writer.close()
-    if jax.process_index() == 0:
-        write_commit(step_dir, step)
-    return Path(str(step_dir))
 
 
 def params_bytes(params: Any) -> int:

@@ -1,4 +1,7 @@
-"""The pretraining loop: ties config, data, mesh, model, optimizer, checkpoints and metrics.
+"""The training loop: feeds a Trainer (train/trainer.py) batches, checkpoints, evaluates and logs.
+
+`run_pretraining` is the pretrain entry point's job; `fit` is the loop itself, shared by every
+objective (finetuning passes its own initial state and validation).
 
 Everything that can be wrong with the input (config, devices, corpus, tokenizer) is checked
 before the run directory is touched, so a bad command never writes over an existing run.
@@ -8,25 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import yaml
 from flaxpod.data.tokenizer import Tokenizer, has_tokenizer
-from flaxpod.model.axes import activation_sharding
-from flaxpod.model.transformer import count_params
-from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch, sharding_table
-from flaxpod.sharding.rules import activation_resolver, make_rules
+from flaxpod.sharding.mesh import sharding_table
 from flaxpod.train.checkpoint import Checkpointer, make_run_info
 from flaxpod.train.config import Config, ConfigError, check_against_devices, save_config, to_dict
-from flaxpod.train.data_source import load_run_data
-from flaxpod.train.faults import NonFiniteWatch, RunControl, StopRequested
+from flaxpod.train.data_source import RunData, load_run_data
+from flaxpod.train.early_stopping import EarlyStopping
+from flaxpod.train.faults import Decision, NonFiniteWatch, RunControl, StopRequested
 from flaxpod.train.flops import flops_per_token, peak_flops_per_device
 from flaxpod.train.metrics import MetricsWriter, Progress, format_duration
-from flaxpod.train.optimizer import make_optimizer
-from flaxpod.train.state import init_state, make_layout
-from flaxpod.train.step import compile_train_step, make_eval_step, make_train_step
+from flaxpod.train.state import TrainState
+from flaxpod.train.trainer import Trainer
 
 VOCAB_MULTIPLE = 64  # embedding rows rounded up so vocab splits evenly over tensor axes
 
@@ -42,18 +43,18 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> Config:
     vocab = m.vocab_size or -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
-    model = dataclasses.replace(m, vocab_size=vocab, max_seq_len=m.max_seq_len or m.seq_len)
+    model = dataclasses.replace(m, vocab_size=vocab, max_seq_len=m.max_len)
     return dataclasses.replace(cfg, model=model)
 
 
-def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
+def check_resume_compatible(cfg: Config, run_dir: Path, sections: tuple[str, ...] = ("model", "tokenizer")) -> None:
     """A run directory is resumed only by the same model: anything else would be overwritten."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     current = to_dict(cfg)
-    for section in ("model", "tokenizer"):
+    for section in sections:
         for key, value in current[section].items():
             old = saved.get(section, {}).get(key)
             if old != value:
@@ -63,83 +64,66 @@ def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
                 )
 
 
+def write_run_files(cfg: Config, run_dir: Path, tokenizer: Tokenizer) -> None:
+    """config.yaml and tokenizer/: written once the inputs are known good (process 0)."""
+    if jax.process_index() != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not has_tokenizer(run_dir / "tokenizer"):
+        tokenizer.save(run_dir / "tokenizer")
+    save_config(cfg, run_dir / "config.yaml")
+
+
+def describe(trainer: Trainer, cfg: Config) -> None:
+    n_params, n_nonembed = trainer.param_counts()
+    shape = trainer.mesh.shape
+    log(
+        f"model: {cfg.model.family}, {n_params / 1e6:.2f}M parameters ({n_nonembed / 1e6:.2f}M "
+        f"non-embedding); mesh data={shape['data']} fsdp={shape['fsdp']} tensor={shape['tensor']} "
+        f"over {jax.device_count()} devices in {jax.process_count()} process(es)"
+    )
+    if cfg.logging.show_sharding:
+        log(sharding_table(trainer.layout.shapes.params, trainer.layout.param_shardings))
+
+
 def run_pretraining(cfg: Config) -> dict[str, Any]:
     """Trains to cfg.train.steps (resuming from the latest checkpoint); returns final metrics."""
-    is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
-    mesh_shape = check_against_devices(cfg, jax.device_count())
+    check_against_devices(cfg, jax.device_count())
     data = load_run_data(cfg, run_dir)
     cfg = resolve_model_config(cfg, data.tokenizer)
     check_resume_compatible(cfg, run_dir)
     if cfg.model.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"model.seq_len: {cfg.model.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    trainer = Trainer.from_config(cfg)
 
     # Inputs are valid: from here on the run directory is written.
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not has_tokenizer(run_dir / "tokenizer"):
-            data.tokenizer.save(run_dir / "tokenizer")
-        save_config(cfg, run_dir / "config.yaml")
+    write_run_files(cfg, run_dir, data.tokenizer)
     log(f"data: {data.description}")
-
-    mesh = build_mesh(*mesh_shape)
-    rules = make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    layout = make_layout(cfg.model, tx, mesh, rules)
-    n_params = count_params(layout.shapes["params"])
-    n_nonembed = count_params(layout.shapes["params"], exclude_embeddings=True)
-    log(
-        f"model: {cfg.model.family}, {n_params / 1e6:.2f}M parameters ({n_nonembed / 1e6:.2f}M "
-        f"non-embedding); mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} tensor={mesh_shape[2]} "
-        f"over {jax.device_count()} devices in {jax.process_count()} process(es)"
-    )
-    if cfg.logging.show_sharding:
-        log(sharding_table(layout.shapes["params"], layout.param_shardings))
-
-    b_sharding = batch_sharding(mesh, rules)
-    with activation_sharding(activation_resolver(mesh, rules)):
-        train_step = compile_train_step(
-            make_train_step(
-                layout,
-                tx,
-                schedule,
-                grad_accum=cfg.train.grad_accum,
-                z_loss=cfg.optim.z_loss,
-                dropout=cfg.model.dropout > 0,
-            ),
-            layout,
-            b_sharding,
-        )
-        eval_step = make_eval_step(layout, b_sharding)
-        return _train(
-            cfg,
-            run_dir,
-            layout,
-            train_step,
-            eval_step,
-            data.train_iter,
-            data.eval_batches,
-            b_sharding,
-            n_nonembed,
-            tx,
-            make_run_info(to_dict(cfg), data.tokenizer),
-        )
+    describe(trainer, cfg)
+    return fit(cfg, trainer, data, make_run_info(to_dict(cfg), data.tokenizer))
 
 
-def _train(
-    cfg,
-    run_dir,
-    layout,
-    train_step,
-    eval_step,
-    train_iter,
-    eval_batches,
-    b_sharding,
-    n_nonembed,
-    tx,
-    run_info,
+def fit(
+    cfg: Config,
+    trainer: Trainer,
+    data: RunData,
+    run_info: dict[str, Any],
+    *,
+    init: Callable[[], TrainState] | None = None,
+    validate: Callable[[dict], dict[str, float]] | None = None,
+    early_stopping: EarlyStopping | None = None,
 ) -> dict[str, Any]:
+    """Trains `trainer` on `data` to cfg.train.steps, resuming from the run's latest checkpoint.
+
+    init: the state of a new run (default: fresh parameters from cfg.seed). validate: params ->
+    validation metrics (default: the objective's metrics on data.eval_batches, named val_*).
+    early_stopping: checkpoints each new best step, keeps it whatever the retention policy, and ends
+    the run once its patience is spent. Returns the last logged metrics.
+    """
     is_main = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir)
+    train_iter = data.train_iter
     checkpointer = Checkpointer(
         run_dir,
         keep=cfg.checkpoint.keep,
@@ -148,30 +132,30 @@ def _train(
         run_info=run_info,
     )
     checkpointer.remove_partial_saves()
-    restored = checkpointer.restore_latest(layout)
+    if early_stopping is not None and early_stopping.best_step is not None:
+        checkpointer.protected.add(early_stopping.best_step)
+    restored = checkpointer.restore_latest(trainer.layout)
     if restored is None:
-        state = init_state(cfg.model, tx, layout, cfg.seed)
+        state = init() if init is not None else trainer.init_state(cfg.seed)
         start = 0
     else:
         state, start = restored.state, restored.step
         if restored.data_state is not None:
             train_iter.set_state(restored.data_state)
         log(f"resumed from {checkpointer.directory / str(start)}")
+    if validate is None:
+
+        def validate(params: dict) -> dict[str, float]:
+            return {f"val_{k}": v for k, v in trainer.evaluate(params, data.eval_batches).items()}
 
     writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, resume_step=start)
     progress = Progress(cfg.train.steps, enabled=is_main)
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
+    n_nonembed = trainer.param_counts()[1]
     flops_tok = flops_per_token(cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len, n_nonembed)
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
     log(f"MFU against {peak / 1e9:.1f} GFLOP/s per device ({peak_source}); {flops_tok / 1e6:.2f} MFLOP per token")
     log(f"training steps {start}..{cfg.train.steps} in {run_dir}")
-
-    def evaluate() -> float:
-        total, count = 0.0, 0.0
-        for batch in eval_batches:
-            s, c = eval_step(state["params"], put_batch(batch, b_sharding))
-            total, count = total + float(s), count + float(c)
-        return total / max(count, 1.0)
 
     control = RunControl(
         run_dir,
@@ -180,7 +164,7 @@ def _train(
         last_step=cfg.train.steps,
         sync_every=cfg.checkpoint.sync_every,
     )
-    nonfinite = NonFiniteWatch(cfg.train.nonfinite, skipped_at_start=int(state["skipped_steps"]))
+    nonfinite = NonFiniteWatch(cfg.train.nonfinite, skipped_at_start=int(state.skipped_steps))
     pending: list[tuple[int, dict]] = []  # metrics of the steps not yet fetched from the device
 
     def fetch_pending() -> list[tuple[int, dict]]:
@@ -193,13 +177,13 @@ def _train(
         return rows
 
     final: dict[str, Any] = {}
+    best_reason, finish_early = "", False
     interval_start, interval_steps = time.perf_counter(), 0
     step = start
     try:
         with control:
             while step < cfg.train.steps:
-                batch = put_batch(next(train_iter), b_sharding)
-                state, metrics = train_step(state, batch)
+                state, metrics = trainer.step(state, trainer.put(next(train_iter)))
                 step += 1
                 pending.append((step, metrics))
                 interval_steps += 1
@@ -214,21 +198,37 @@ def _train(
                     final.update(row)
                     interval_start, interval_steps = time.perf_counter(), 0
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
-                    val_loss = evaluate()
-                    writer.write(step, {"val_loss": val_loss})
-                    log(f"step {step:>6}/{cfg.train.steps} | val_loss {val_loss:.4f}")
-                    final["val_loss"] = val_loss
+                    val = validate(state.params)
+                    writer.write(step, val)
+                    log(f"step {step:>6}/{cfg.train.steps} | " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    final.update(val)
                     interval_start = time.perf_counter()  # evaluation time is not training time
+                    if early_stopping is not None:
+                        improved, finish_early = early_stopping.update(step, val)
+                        if improved:  # every process has the same metrics: no agreement needed
+                            checkpointer.protected = {step}
+                            best_reason = f"best {early_stopping.metric} so far"
+                        if finish_early:
+                            log(
+                                f"early stop at step {step}: {early_stopping.metric} did not improve for "
+                                f"{early_stopping.patience} evaluations; best step {early_stopping.best_step}"
+                            )
                 decision = control.decide(step)
+                if best_reason or finish_early:
+                    reason = "; ".join(r for r in (decision.reason, best_reason) if r)
+                    decision = Decision(save=True, stop=decision.stop, reason=reason)
+                    best_reason = ""
                 if decision.save:
                     fetch_pending()  # under train.nonfinite=stop, never checkpoint past a non-finite step
-                    final_or_stop = decision.stop or step == cfg.train.steps
+                    final_or_stop = decision.stop or finish_early or step == cfg.train.steps
                     blocked = checkpointer.save(step, state, train_iter.get_state(), wait=final_or_stop)
                     control.saved()
                     writer.write(step, {"checkpoint_blocked_s": blocked})
                     if decision.reason:
                         log(f"step {step:>6}/{cfg.train.steps} | checkpoint ({decision.reason})")
                     interval_start += blocked  # reported on its own, not as step time
+                if finish_early:
+                    break
                 if decision.stop and step < cfg.train.steps:
                     raise StopRequested(
                         f"stopped at step {step} ({decision.reason}); checkpoint {checkpointer.directory / str(step)} "
@@ -241,7 +241,7 @@ def _train(
             train_iter.close()
     elapsed = time.perf_counter() - progress.start
     log(
-        f"done: {cfg.train.steps} steps in {format_duration(elapsed)}; outputs in {run_dir.resolve()} "
+        f"done: {step} steps in {format_duration(elapsed)}; outputs in {run_dir.resolve()} "
         f"(config.yaml, tokenizer/, checkpoints/, metrics.jsonl, tensorboard/)"
     )
     final["step"] = step

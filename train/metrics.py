@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flaxpod.data.progress import format_duration
+
+__all__ = ["MetricsWriter", "Progress", "drop_rows_after", "format_duration"]  # format_duration: for the loop
+
 
 class MetricsWriter:
     """Appends rows to metrics.jsonl (and TensorBoard). `resume_step`: the step the run continues
@@ -70,13 +74,6 @@ def drop_rows_after(path: Path, step: int) -> None:
 
 def _plain(v: Any) -> Any:
     return float(v) if hasattr(v, "dtype") else v
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 class Progress:

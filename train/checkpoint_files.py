@@ -1,0 +1,158 @@
+"""The on-disk format of checkpoints, shared by the writer (train/checkpoint.py) and the run reader
+(train/run_dir.py): step directories, commit records and the checks that make a step usable.
+
+One checkpoint is one Orbax step, RUN_DIR/checkpoints/<step>/:
+
+    params/          model parameters (Orbax PyTree)
+    train_state/     the rest of the train state: optimizer state, step, RNG key, skipped-step count
+    data/            every process's data-iterator state, process_<i>-of-<n>.json (a JSON-able dict each)
+    run/             the resolved config and the tokenizer (JSON), so a checkpoint stands on its own
+    flaxpod_commit.json   written last, once Orbax has finished: the size of every file above
+
+A step directory without a commit file is invisible (a save that was cut short); one whose files
+do not match their recorded sizes is unusable. A params-only checkpoint (imported weights) has
+just `params/` and `run/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flaxpod.model.errors import InputError
+
+CHECKPOINTS = "checkpoints"
+UNUSABLE = "checkpoints_unusable"  # where unusable steps are moved, next to CHECKPOINTS
+COMMIT_FILE = "flaxpod_commit.json"
+PARAMS, TRAIN_STATE, DATA, RUN = "params", "train_state", "data", "run"
+REQUIRED_ITEMS = (PARAMS,)  # params-only checkpoints have no train_state
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(InputError):
+    """The one error for "no usable step": a requested step is missing or unusable, or a run
+    directory has no usable checkpoint."""
+
+
+def warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def checkpoints_dir(run_dir: str | Path) -> epath.Path:
+    """RUN_DIR/checkpoints (absolute: Orbax requires it; URLs such as gs://... are kept as they are)."""
+    text = str(run_dir)
+    return epath.Path(text if "://" in text else os.path.abspath(text)) / CHECKPOINTS
+
+
+def step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
+    """Step number -> directory, for every directory named by a number (Orbax's temporary
+    `<step>.orbax-checkpoint-tmp*` directories are not steps)."""
+    if not directory.exists():
+        return {}
+    return {int(p.name): p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()}
+
+
+def _files(root: epath.Path) -> dict[str, int]:
+    """Relative path -> size of every file below root (without recursive globbing, which
+    epath refuses on cloud storage)."""
+    out: dict[str, int] = {}
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        for p in directory.iterdir():
+            if p.is_dir():
+                pending.append(p)
+            elif p.name != COMMIT_FILE:
+                out[str(p.relative_to(root))] = p.stat().length
+    return out
+
+
+def write_commit(step_dir: epath.Path, step: int) -> None:
+    """Records every file's size, then renames the record into place: the step is committed."""
+    record = {"step": step, "time": time.time(), "files": dict(sorted(_files(step_dir).items()))}
+    tmp = step_dir / f".{COMMIT_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=0))
+    tmp.replace(step_dir / COMMIT_FILE)
+
+
+def check_step(step_dir: epath.Path) -> str | None:
+    """What is wrong with a step directory, or None if it is a complete checkpoint."""
+    commit = step_dir / COMMIT_FILE
+    if not commit.exists():
+        return f"no {COMMIT_FILE} (the save never completed)"
+    try:
+        files = json.loads(commit.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {COMMIT_FILE} ({e})"
+    items = set(REQUIRED_ITEMS) | {name.split("/")[0] for name in files if "/" in name}
+    for item in sorted(items):
+        if not (step_dir / item).exists():
+            return f"item '{item}' is missing"
+    for name, size in files.items():
+        path = step_dir / name
+        if not path.exists():
+            return f"file {name} is missing"
+        actual = path.stat().length
+        if actual != size:
+            return f"file {name} has {actual} bytes, {size} were written"
+    return None
+
+
+def committed_steps(run_dir: str | Path) -> list[int]:
+    """Steps with a valid commit record, oldest first (no array is read)."""
+    return sorted(s for s, d in step_dirs(checkpoints_dir(run_dir)).items() if check_step(d) is None)
+
+
+def steps_to_delete(steps: list[int], keep: int, keep_every: int = 0) -> list[int]:
+    """Committed steps outside the policy: not among the newest `keep`, and not a multiple of
+    `keep_every` (those stay permanently)."""
+    newest = set(sorted(steps)[-keep:]) if keep > 0 else set()
+    return [s for s in sorted(steps) if s not in newest and not (keep_every and s % keep_every == 0)]
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[int, epath.Path]:
+    """(step, directory) of `step`, or of the newest usable checkpoint when step is None.
+
+    Newer unusable steps are skipped with a warning; an explicit step that is missing or
+    unusable raises CheckpointError. Reads no array.
+    """
+    directory = checkpoints_dir(run_dir)
+    dirs = step_dirs(directory)
+    if step is not None:
+        if step not in dirs:
+            available = sorted(s for s, d in dirs.items() if check_step(d) is None)
+            raise CheckpointError(f"no checkpoint step {step} in {directory}; usable steps: {available or 'none'}")
+        problem = check_step(dirs[step])
+        if problem:
+            raise CheckpointError(f"checkpoint step {step} in {directory} is unusable: {problem}")
+        return step, dirs[step]
+    for s in sorted(dirs, reverse=True):
+        problem = check_step(dirs[s])
+        if problem is None:
+            return s, dirs[s]
+        warn(f"checkpoint step {s} in {directory} is unusable: {problem}; skipping it")
+    raise CheckpointError(f"no usable checkpoint in {directory}")
+
+
+def abstract(shapes: Any, shardings: Any) -> Any:
+    """Restore targets: shapes and dtypes with the shardings to read them onto (any mesh)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+@contextlib.contextmanager
+def reader() -> Iterator[ocp.Checkpointer]:
+    handle = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        yield handle
+    finally:
+        handle.close()

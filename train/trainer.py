@@ -1,0 +1,136 @@
+"""The one trainer: mesh, rules, optimizer, state layout, batch sharding and the compiled steps, built
+once for an objective. Pretraining, finetuning, benchmarks and tests all build it here; the loop that
+feeds it data, checkpoints and metrics is train/loop.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flaxpod.model.axes import activation_sharding
+from flaxpod.model.transformer import count_params
+from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
+from flaxpod.sharding.rules import Rules, activation_resolver, make_rules
+from flaxpod.train.config import Config, ModelConfig, check_against_devices
+from flaxpod.train.objectives import Batch, CausalLM, Objective
+from flaxpod.train.optimizer import make_optimizer
+from flaxpod.train.state import StateLayout, TrainState, compile_once, fresh_state, init_params, make_layout
+from flaxpod.train.step import make_eval_step, make_train_step
+from jax.sharding import Mesh, NamedSharding
+
+
+class Trainer:
+    """Everything static about training one model on one mesh, and the compiled steps.
+
+    `step(state, batch)` is the jitted pure train step (the state's buffers are donated);
+    `evaluate(params, batches)` averages the objective's metrics over host batches.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        mesh: Mesh,
+        rules: Rules,
+        tx: optax.GradientTransformation,
+        schedule: optax.Schedule,
+        objective: Objective,
+        *,
+        grad_accum: int = 1,
+    ):
+        self.model, self.mesh, self.rules = model, mesh, rules
+        self.tx, self.schedule, self.objective = tx, schedule, objective
+        self.layout: StateLayout = make_layout(model, tx, mesh, rules)
+        self.batch_sharding: NamedSharding = batch_sharding(mesh, rules)
+        train_step = make_train_step(
+            self.layout, tx, schedule, objective, grad_accum=grad_accum, dropout=model.dropout > 0
+        )
+        self.step = jax.jit(
+            _with_activation_sharding(train_step, activation_resolver(mesh, rules)),
+            in_shardings=(self.layout.shardings, None),
+            out_shardings=(self.layout.shardings, None),
+            donate_argnums=(0,),
+        )
+        self._eval_step = self.compile_eval(make_eval_step(self.layout, objective))
+
+    @classmethod
+    def from_config(cls, cfg: Config, objective: Objective | None = None, *, devices: list | None = None) -> Trainer:
+        """The trainer a run config asks for (mesh over all devices, or `devices`)."""
+        tx, schedule = make_optimizer(
+            cfg.optim, cfg.train.steps, lr_mult=cfg.finetune.lr_mult, frozen=cfg.finetune.freeze
+        )
+        objective = objective if objective is not None else CausalLM(cfg.optim.z_loss)
+        mesh, rules = mesh_from_config(cfg, devices), make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+        return cls(cfg.model, mesh, rules, tx, schedule, objective, grad_accum=cfg.train.grad_accum)
+
+    # -- state
+
+    def init_state(self, seed: int) -> TrainState:
+        """Fresh parameters and optimizer state, created on their shards; the same seed gives the
+        same values on any mesh."""
+        return compile_once(lambda: fresh_state(init_params(self.model, seed), self.tx, seed), self.layout.shardings)
+
+    def state_from_params(self, params: dict, seed: int) -> TrainState:
+        """A fresh optimizer state around `params`, which may lack some top-level entries (a new task
+        head): those are initialised as `init_state(seed)` would (the rest of its random
+        initialisation is dead code that XLA removes)."""
+
+        def build(given: dict) -> TrainState:
+            fresh = init_params(self.model, seed)
+            return fresh_state({name: given.get(name, value) for name, value in fresh.items()}, self.tx, seed)
+
+        unknown = sorted(set(params) - set(self.layout.shapes.params))
+        if unknown:
+            raise ValueError(f"parameters {unknown} are not part of this model")
+        return compile_once(build, self.layout.shardings, params)
+
+    def compile_eval(self, fn: Callable) -> Callable:
+        """`fn(params, batch)` jitted for this mesh (activation-sharding hints installed), e.g. predictions."""
+        return jax.jit(
+            _with_activation_sharding(fn, activation_resolver(self.mesh, self.rules)),
+            in_shardings=(self.layout.param_shardings, None),
+        )
+
+    def param_counts(self) -> tuple[int, int]:
+        """(all parameters, non-embedding parameters)."""
+        shapes = self.layout.shapes.params
+        return count_params(shapes), count_params(shapes, exclude_embeddings=True)
+
+    # -- batches
+
+    def put(self, batch: dict[str, np.ndarray]) -> Batch:
+        """This process's rows -> global arrays on the mesh."""
+        return put_batch(batch, self.batch_sharding)
+
+    def evaluate(self, params: dict, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+        """The objective's metrics averaged over every scored item of `batches` (host arrays)."""
+        totals: dict[str, float] = {}
+        weight = 0.0
+        for batch in batches:
+            sums, w = self._eval_step(params, self.put(batch))
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            weight += float(w)
+        return {name: value / max(weight, 1.0) for name, value in totals.items()}
+
+
+def mesh_from_config(cfg: Config, devices: list | None = None) -> Mesh:
+    """The run's (data, fsdp, tensor) mesh over all devices (or `devices`), split across slices or
+    nodes as mesh.dcn_data / mesh.dcn_fsdp ask."""
+    count = len(devices) if devices is not None else jax.device_count()
+    shape = check_against_devices(cfg, count)
+    return build_mesh(*shape, devices=devices, dcn_data=cfg.mesh.dcn_data, dcn_fsdp=cfg.mesh.dcn_fsdp)
+
+
+def _with_activation_sharding(fn: Callable, resolver: Any) -> Callable:
+    """`fn` traced with the mesh's activation-sharding hints installed (jit traces lazily, on the
+    first call, so the hints must be installed inside the traced function)."""
+
+    def traced(*args):
+        with activation_sharding(resolver):
+            return fn(*args)
+
+    return traced
