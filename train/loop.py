@@ -20,7 +20,7 @@ import yaml
 from flaxpod.data.tokenizer import Tokenizer, has_tokenizer
 from flaxpod.sharding.mesh import sharding_table
 from flaxpod.train.checkpoint import Checkpointer, make_run_info
-from flaxpod.train.config import Config, ConfigError, check_against_devices, save_config, to_dict
+from flaxpod.train.config import Config, ConfigError, check_against_devices, config_from_dict, save_config, to_dict
 from flaxpod.train.data_source import RunData, load_run_data
 from flaxpod.train.early_stopping import EarlyStopping
 from flaxpod.train.faults import Decision, NonFiniteWatch, RunControl, StopRequested
@@ -52,7 +52,8 @@ def check_resume_compatible(cfg: Config, run_dir: Path, sections: tuple[str, ...
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    # Through Config, so that keys added since the run was written take their defaults.
+    saved = to_dict(config_from_dict(yaml.safe_load(saved_path.read_text()) or {}))
     current = to_dict(cfg)
     for section in sections:
         for key, value in current[section].items():
