@@ -17,7 +17,10 @@ from flaxpod.model.config import ModelConfig
 GPT2_ARCH, LLAMA_ARCH = "GPT2LMHeadModel", "LlamaForCausalLM"
 SUPPORTED = {"gpt2": GPT2_ARCH, "llama": LLAMA_ARCH}
 # GPT-2's "gelu_new" and "gelu_pytorch_tanh" are both the tanh approximation our MLP uses.
-GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+# Names transformers' ACT2FN maps to the same function as ours: the tanh approximation of GELU
+# (NewGELUActivation, GELUTanh, FastGELUActivation, AccurateGELUActivation) for gpt2, and SiLU (nn.SiLU) for llama.
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast", "gelu_accurate")
+SILU_ACTIVATIONS = ("silu", "swish")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,14 +151,23 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 # Hugging Face -> flaxpod
 
 
+def _rope_type(params: dict) -> str:
+    return params.get("rope_type", params.get("type", "default"))
+
+
 def _rope_theta(config: dict, where: str) -> float:
-    """RoPE base from a 5.x `rope_parameters` or a 4.x `rope_theta`; scaled RoPE is refused."""
+    """RoPE base read as transformers 5 reads it (PreTrainedConfig.convert_rope_params_to_dict):
+    a non-empty `rope_scaling` replaces `rope_parameters`, and theta comes from the chosen dict,
+    else the top-level `rope_theta`, else 10000. Scaled RoPE in either field is refused."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type"))
-    if rope_type not in (None, "default"):
-        raise ValueError(f"{where}: rope type {rope_type!r} is not supported (only plain RoPE, rope_type 'default')")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    for key, entry in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if _rope_type(entry) != "default":
+            raise ValueError(
+                f"{where}: {key} has rope type {_rope_type(entry)!r}; flaxpod supports only rope_type default"
+            )
+    chosen = scaling or params
+    return float(chosen.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def model_config_from_hf(config: dict, where: str) -> ModelConfig:
@@ -194,8 +206,10 @@ def model_config_from_hf(config: dict, where: str) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise ValueError(f"{where}: {key}=true is not supported (flaxpod's llama family has no biases)")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {config.get('hidden_act')!r} is not supported (expected silu)")
+    if config.get("hidden_act", "silu") not in SILU_ACTIVATIONS:
+        raise ValueError(
+            f"{where}: hidden_act {config.get('hidden_act')!r} is not supported (expected one of {SILU_ACTIVATIONS})"
+        )
     if (config.get("pretraining_tp") or 1) != 1:
         raise ValueError(f"{where}: pretraining_tp={config['pretraining_tp']} is not supported (expected 1)")
     d, heads = config["hidden_size"], config["num_attention_heads"]

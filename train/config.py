@@ -24,13 +24,15 @@ __all__ = ["ConfigError", "ModelConfig"]  # re-exported: config code raises it; 
 @dataclass
 class TokenizerConfig:
     kind: str = "sentencepiece"
-    """`char` (nanoGPT's character tokenizer) or `sentencepiece` (trained in-process if the run has none)."""
+    """`char` (nanoGPT's character tokenizer), `sentencepiece`, or `huggingface` (any tokenizer.json via the
+    `tokenizers` library; trained in-process as a byte-level BPE if the run has none and no `path`)."""
     vocab_size: int = 4096
-    """SentencePiece vocabulary size when training one."""
+    """Vocabulary size when training a SentencePiece or byte-level BPE tokenizer."""
     model_type: str = "bpe"
     """SentencePiece model type: `bpe` or `unigram`."""
     path: str = ""
-    """Existing tokenizer directory (with tokenizer.model or tokenizer.json) to use instead of training."""
+    """Existing tokenizer to use instead of training: a flaxpod tokenizer directory, a Hugging Face model
+    directory or tokenizer.json, or a SentencePiece .model file."""
 
 
 @dataclass
@@ -202,7 +204,7 @@ class Config:
 
 
 CHOICES = {
-    "tokenizer.kind": ("char", "sentencepiece"),
+    "tokenizer.kind": ("char", "sentencepiece", "huggingface"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),

@@ -43,7 +43,7 @@ def generate_texts(
     encoded = []
     for i, prompt in enumerate(prompts):
         try:
-            encoded.append(run.tokenizer.encode(prompt))
+            encoded.append(run.tokenizer.encode_for_model(prompt))  # BOS as transformers adds it
         except ValueError as e:
             raise ValueError(f"prompt {i + 1}: {e}") from None
     outputs = generate_ids(
@@ -57,7 +57,8 @@ def generate_texts(
         batch_size=batch_size,
         use_cache=use_cache,
     )
-    return [run.tokenizer.decode(ids) for ids in outputs]
+    # Decoded after the prompt's ids, whole characters only (a byte-level BPE can stop mid-character).
+    return ["".join(run.tokenizer.decode_stream(p, ids)) for p, ids in zip(encoded, outputs, strict=True)]
 
 
 def generate_ids(
