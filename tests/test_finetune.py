@@ -330,3 +330,20 @@ def test_bad_sft_input(work, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "chat.jsonl" in err and "robot" in err, err
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_lm_task_starts_from_the_base_weights(work, tmp_path, capsys):
+    """Continued pretraining (finetune.task=lm) on text: with a zero learning rate the trained weights are
+    the base's, bit for bit (the run started from them, through the pretraining data pipeline)."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(sentences(np.random.default_rng(1), 300)))
+    run_dir = tmp_path / "lm"
+    args = sft_args(work, run_dir, "finetune.task=lm", f"data.path={text}", "data.val_path=", "train.steps=4")
+    assert cli_main([*args, "optim.lr=0", "optim.min_lr=0"]) == 0, capsys.readouterr().err
+    trained = load_run(run_dir, mesh=single_device_mesh())
+    base = load_run(work / "base", mesh=single_device_mesh())
+    for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(base.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert trained.tokenizer.fingerprint() == base.tokenizer.fingerprint()
+    assert np.isfinite(metric(run_dir, "val_loss")[4])

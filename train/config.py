@@ -164,7 +164,8 @@ class LoggingConfig:
 @dataclass
 class FinetuneConfig:
     task: str = "sft"
-    """`sft` (instruction/chat tuning, loss on responses only) or `classify` (sequence classification head)."""
+    """`sft` (instruction/chat tuning, loss on responses only), `classify` (sequence classification head), or
+    `lm` (continued pretraining on data.path's text or prepared datasets, loss on every token)."""
     base: str = ""
     """Run directory of the model to start from: a flaxpod pretraining run or an `import-hf` directory."""
     base_step: int = -1
@@ -209,7 +210,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "train.nonfinite": ("skip", "stop"),
-    "finetune.task": ("sft", "classify"),
+    "finetune.task": ("sft", "classify", "lm"),
     "finetune.init": ("pretrained", "random"),
 }
 

@@ -30,7 +30,7 @@ from flaxpod.train.checkpoint import make_run_info
 from flaxpod.train.checkpoint_files import find_checkpoint
 from flaxpod.train.classification_metrics import classification_report, summary_metrics
 from flaxpod.train.config import Config, check_against_devices, to_dict
-from flaxpod.train.data_source import RunData
+from flaxpod.train.data_source import RunData, load_run_data
 from flaxpod.train.early_stopping import EarlyStopping
 from flaxpod.train.loop import check_resume_compatible, describe, fit, log, write_run_files
 from flaxpod.train.objectives import CausalLM, Classify, class_logits
@@ -160,7 +160,7 @@ class Task:
     cfg: Config  # the run's config, completed by the task (e.g. model.num_labels)
     data: RunData
     objective: Any
-    validator: Callable[[Trainer], Callable[[dict], dict[str, float]] | None]
+    validator: Callable[[Trainer], Callable[[dict], dict[str, float]] | None]  # None: the objective's val_loss
     write: Callable[[Path], None]  # task files written into the run directory
 
 
@@ -256,7 +256,19 @@ def classify_task(cfg: Config, tokenizer: Tokenizer, run_dir: Path) -> Task:
     )
 
 
-TASKS = {"sft": sft_task, "classify": classify_task}
+def lm_task(cfg: Config, tokenizer: Tokenizer, run_dir: Path) -> Task:
+    """Continued pretraining: the pretraining data pipeline (text or prepared datasets, data.* as in
+    pretraining) and its next-token loss on every token, from the base's weights and tokenizer."""
+    cfg = dataclasses.replace(
+        cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(Path(cfg.finetune.base) / "tokenizer"))
+    )
+    data = load_run_data(cfg, run_dir)
+    if data.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise InputError(f"{run_dir}/tokenizer: differs from the base's {cfg.tokenizer.path}; choose another run_dir")
+    return Task(cfg, data, CausalLM(cfg.optim.z_loss), lambda _: None, lambda _: None)
+
+
+TASKS = {"sft": sft_task, "classify": classify_task, "lm": lm_task}
 
 
 # ---------------------------------------------------------------------------------------------
