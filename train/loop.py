@@ -25,7 +25,7 @@ from flaxpod.train.data_source import RunData, load_run_data
 from flaxpod.train.early_stopping import EarlyStopping
 from flaxpod.train.faults import Decision, NonFiniteWatch, RunControl, StopRequested
 from flaxpod.train.flops import flops_per_token, peak_flops_per_device
-from flaxpod.train.metrics import MetricsWriter, Progress, format_duration
+from flaxpod.train.metrics import MetricsWriter, StepProgress, format_duration
 from flaxpod.train.state import TrainState
 from flaxpod.train.trainer import Trainer
 
@@ -150,7 +150,7 @@ def fit(
             return {f"val_{k}": v for k, v in trainer.evaluate(params, data.eval_batches).items()}
 
     writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, resume_step=start)
-    progress = Progress(cfg.train.steps, enabled=is_main)
+    progress = StepProgress(cfg.train.steps, enabled=is_main)
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
     n_nonembed = trainer.param_counts()[1]
     flops_tok = flops_per_token(cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len, n_nonembed)
