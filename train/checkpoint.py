@@ -273,7 +273,7 @@ class Checkpointer:
         restored = None
         corrupt = False
         for step, step_dir in sorted(step_dirs(self.directory).items(), reverse=True):
-            problem = check_step(step_dir)
+            problem = check_step(step_dir, content=True)
             if problem is None:
                 try:
                     restored = _restore(step_dir, layout)
