@@ -201,8 +201,10 @@ def fit(
                 if decision.save:
                     fetch_pending()  # under train.nonfinite=stop, never checkpoint past a non-finite step
                     final_or_stop = decision.stop or step == cfg.train.steps
-                    blocked = checkpointer.save(step, state, train_iter.get_state(), wait=final_or_stop)
-                    control.saved()
+                    on_commit = control.saved()  # SAVE_NOW goes only once this checkpoint is committed
+                    blocked = checkpointer.save(
+                        step, state, train_iter.get_state(), wait=final_or_stop, on_commit=on_commit
+                    )
                     writer.write(step, {"checkpoint_blocked_s": blocked})
                     if decision.reason:
                         log(f"step {step:>6}/{cfg.train.steps} | checkpoint ({decision.reason})")
