@@ -306,7 +306,7 @@ def run_evaluate(
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit: expected a positive count, got {limit}")
     mc_rows = {path: read_mc_jsonl(path, limit) for path in mc}  # bad rows fail before the model loads
-    corpora = {spec: read_corpus(resolve_text_paths([spec])) for spec in texts}
+    corpora = {spec: read_corpus(resolve_text_paths([spec], what="--text"), what="--text") for spec in texts}
     run = load_run(run_dir, step)
     m = run.cfg.model
     max_len = m.max_seq_len or m.seq_len
