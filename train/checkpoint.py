@@ -54,6 +54,9 @@ from flaxpod.train.checkpoint_files import (
 from flaxpod.train.faults import EXIT_CHECKPOINT_WRITE
 from flaxpod.train.state import StateLayout, TrainState
 
+# Orbax's ValueError when a checkpoint's tree differs from the restore target: a config change, not damage.
+STRUCTURE_MISMATCH = "tree structures do not match"
+
 
 class CheckpointWriteError(FlaxpodError, OSError):
     """Writing a checkpoint failed (disk full, run directory not writable); earlier ones are intact."""
@@ -294,6 +297,12 @@ class Checkpointer:
                 except CheckpointError:
                     raise
                 except Exception as e:  # noqa: BLE001 - a damaged step: fall back to an older one
+                    if isinstance(e, ValueError) and STRUCTURE_MISMATCH in str(e):  # a config change, not damage
+                        raise CheckpointError(
+                            f"checkpoint step {step} in {self.directory} holds a train state of another structure "
+                            f"(written with another model or optimizer config, e.g. optim.grad_clip on/off); resume "
+                            f"with that config or choose another run_dir"
+                        ) from None
                     problem = f"restore failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
             if restored is not None:
                 break
