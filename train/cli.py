@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
 
-from flaxpod.model.errors import FlaxpodError
+from flaxpod.model.errors import FlaxpodError, InputError
 
 SUBCOMMANDS = {
     "pretrain": ("flaxpod.train.pretrain", "main", "pretrain a model from a YAML config"),
@@ -53,6 +54,36 @@ def run_guarded(job: Callable[[], object]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_option(
+    option: str,
+    value: float | None,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+) -> None:
+    """A numeric command-line option (None: not given): finite and within range, else one
+    InputError line naming it. argparse's `type=` cannot do this: it prints usage over two lines,
+    and a negative batch size or a NaN temperature would otherwise run and report nonsense."""
+    if value is None:
+        return
+    bounds = []
+    if above is not None:
+        bounds.append(f"> {above}")
+    if minimum is not None:
+        bounds.append(f">= {minimum}")
+    if maximum is not None:
+        bounds.append(f"<= {maximum}")
+    ok = (
+        math.isfinite(value)
+        and (minimum is None or value >= minimum)
+        and (maximum is None or value <= maximum)
+        and (above is None or value > above)
+    )
+    if not ok:
+        raise InputError(f"{option}: expected a number {' and '.join(bounds) or 'that is finite'}, got {value}")
 
 
 def config_reference(argv: list[str]) -> int:
