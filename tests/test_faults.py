@@ -91,11 +91,12 @@ def test_save_now_survives_a_save_that_fails(tmp_path):
     (tmp_path / SAVE_NOW_FILE).touch()
     assert control.decide(1).save
     ck = Checkpointer(tmp_path, keep=2, async_save=False)
+    state = jax.device_put(random_state(t.layout, 0), t.layout.shardings)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (512, hard))
     try:
         with pytest.raises(CheckpointWriteError):
-            ck.save(1, jax.device_put(random_state(t.layout, 0), t.layout.shardings), None, on_commit=control.saved())
+            ck.save(1, state, None, on_commit=control.saved())
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert (tmp_path / SAVE_NOW_FILE).exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import math
 import os
 import sys
@@ -38,13 +39,52 @@ DEBUG_ENV = "FLAXPOD_DEBUG"  # =1: let errors end in their traceback (for bug re
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+class _DropTracebacks(logging.Filter):
+    """Drops library log records that carry a traceback of an error flaxpod re-raises and reports
+    itself (Orbax's background threads log a failed checkpoint write with its traceback before the
+    write error reaches the caller; asyncio then reports the same futures as never retrieved)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            return False
+        return not str(record.msg).endswith("exception was never retrieved")
+
+
+def _quiet_unraisable(previous: Callable) -> Callable:
+    def hook(unraisable: object) -> None:
+        # Late tensorstore callbacks into the event loop Orbax closed after a failed write: harmless.
+        exc = getattr(unraisable, "exc_value", None)
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    return hook
+
+
+_hidden = False
+
+
+def _hide_library_tracebacks() -> None:
+    """For the rest of the process (a flaxpod command ends with its job; Orbax's threads and
+    asyncio's garbage collection report the same failure after the job has returned)."""
+    global _hidden
+    if _hidden:
+        return
+    _hidden = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_DropTracebacks())
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
 def run_guarded(job: Callable[[], object]) -> int:
     """Runs a job under the one error convention: a FlaxpodError (bad config, data or path; a run
-    stopped on purpose; a failed checkpoint write) prints one line and returns its `exit_code`.
-    With FLAXPOD_DEBUG=1 the error is raised with its traceback instead."""
+    stopped on purpose; a failed checkpoint write) prints one line and returns its `exit_code`, and
+    libraries' tracebacks of the same failure are not printed before it. With FLAXPOD_DEBUG=1 the
+    error is raised with its traceback instead, and nothing is hidden."""
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         job()
         return 0
+    _hide_library_tracebacks()
     try:
         job()
     except FlaxpodError as e:
