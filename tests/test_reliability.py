@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +58,6 @@ def trained(tmp_path_factory, corpus):
 
 
 def copy_run(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 
@@ -249,3 +248,21 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_exit_4(tmp_path, corpus):
     assert result.returncode == 4, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: writing checkpoint step 2"), result.stderr[-3000:]
+
+
+def test_resuming_an_imported_params_only_run_is_refused_untouched(tmp_path, corpus, trained, capsys):
+    """A run directory as import-hf writes it (parameters only) cannot be resumed: refused before
+    its config.yaml or anything else is rewritten."""
+    from flaxpod.train.run_dir import read_run_info, restore_params, save_params
+
+    run_dir = tmp_path / "imported"
+    run_dir.mkdir()
+    shutil.copy(trained / "config.yaml", run_dir / "config.yaml")
+    shutil.copytree(trained / "tokenizer", run_dir / "tokenizer")
+    params, step = restore_params(trained)
+    save_params(run_dir, 0, params, read_run_info(trained)[1])
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert pretrain(run_dir, corpus, **{"train.steps": 4}) == 2
+    assert "holds parameters only" in one_error_line(capsys)
+    assert snapshot(run_dir) == before
