@@ -13,12 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from flaxpod.data.text import resolve_text_paths
 from flaxpod.train.cli import main as cli_main
-from flaxpod.train.run_lock import LOCK_FILE, hold_run_dir
+from flaxpod.train.run_lock import LOCK_FILE, STALE_AFTER_S, hold_run_dir
 
 from tests.helpers import REPO, tiny_overrides, write_corpus
 
@@ -148,6 +149,22 @@ def test_one_writer_per_run_dir(tmp_path, corpus, trained, capsys):
     (run_dir / LOCK_FILE).write_text(json.dumps({**owner, "host": "elsewhere"}))
     assert pretrain(run_dir, corpus, **{"train.steps": 5}) == 2
     assert "on host elsewhere, since" in one_error_line(capsys)
+    # ... until it has not been touched (heartbeat) for STALE_AFTER_S: a job restarted on a new VM
+    old = time.time() - STALE_AFTER_S - 5
+    os.utime(run_dir / LOCK_FILE, (old, old))
+    assert pretrain(run_dir, corpus, **{"train.steps": 5}) == 0
+    assert "on host elsewhere (not touched for" in capsys.readouterr().err
+
+
+def test_heartbeat_keeps_a_held_lock_fresh(tmp_path, monkeypatch):
+    import flaxpod.train.run_lock as run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    with hold_run_dir(tmp_path / "r"):
+        lock = tmp_path / "r" / LOCK_FILE
+        os.utime(lock, (1, 1))
+        time.sleep(0.5)
+        assert time.time() - lock.stat().st_mtime < 5
 
 
 def test_lock_is_reentrant_and_released(tmp_path):

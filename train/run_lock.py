@@ -5,13 +5,13 @@ same step and write checkpoints that silently mix the two runs. `hold_run_dir` m
 one stop with a one-line error instead. Readers (evaluate, generate, export) take no lock.
 
 The lock is a file, RUN_DIR/flaxpod.lock, created with O_CREAT|O_EXCL (atomic on local disks and
-NFS) and holding {"pid", "host", "time", "command"}. A lock file outlives a process killed with
--9, so a lock whose process is gone is stale: on the same host, a pid that no longer runs is
-detected and the lock is broken with a message. A lock from another host cannot be checked from
-here; the message says which host and pid hold it and how to remove it. (An flock() would vanish
-with its process, but is not honoured across hosts on NFS nor by gcsfuse.) With several JAX
-processes only process 0 takes the lock: they are one job, and the other processes do not write
-the run's files.
+NFS) and holding {"pid", "host", "time", "command"}; its holder touches it every HEARTBEAT_S. A
+lock file outlives a process killed with -9, so a lock whose process is gone is stale and is
+broken with a message: on the same host, when its pid no longer runs; from another host (a job
+restarted on a new VM after preemption), when it has not been touched for STALE_AFTER_S. (An
+flock() would vanish with its process, but is not honoured across hosts on NFS nor by gcsfuse.)
+With several JAX processes only process 0 takes the lock: they are one job, and the other
+processes do not write the run's files.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -31,8 +33,18 @@ from flaxpod.model.errors import FlaxpodError, InputError
 from flaxpod.train.faults import EXIT_CHECKPOINT_WRITE
 
 LOCK_FILE = "flaxpod.lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0  # ten missed heartbeats: the holder is gone (or its storage stalled that long)
 
-_held: dict[Path, int] = {}  # lock path -> nesting depth in this process (re-entrant)
+
+@dataclass
+class _Held:
+    stop: threading.Event
+    beat: threading.Thread
+    depth: int = 0  # nesting in this process (re-entrant)
+
+
+_held: dict[Path, _Held] = {}  # lock path -> held by this process
 
 
 class RunDirLocked(InputError):
@@ -63,12 +75,20 @@ def _read_owner(path: Path) -> dict:
     return owner if isinstance(owner, dict) else {}
 
 
-def _stale(owner: dict) -> bool:
-    """True if the lock's process is known to be gone (same host, pid not running, or this very
-    process without holding it: left by an earlier run in this interpreter)."""
-    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
-        return False
-    return owner["pid"] == os.getpid() or not _process_running(owner["pid"])
+def _stale(path: Path, owner: dict) -> str | None:
+    """Why the lock's holder is known to be gone, or None: on this host its pid does not run (or is
+    this very process, which does not hold it: left by an earlier run in this interpreter); from
+    another host, or unreadable, it has not been touched for STALE_AFTER_S."""
+    pid = owner.get("pid")
+    if owner.get("host") == socket.gethostname() and isinstance(pid, int):
+        if pid == os.getpid() or not _process_running(pid):
+            return f"pid {pid} is no longer running"
+        return None
+    try:
+        idle = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return "it was just removed"
+    return f"not touched for {idle:.0f} s" if idle > STALE_AFTER_S else None
 
 
 def _create(path: Path) -> bool:
@@ -100,12 +120,13 @@ def _acquire(run_dir: Path) -> Path:
                 raise RunDirNotWritable(f"run_dir {run_dir}: not writable ({e.strerror})") from None
             raise
         owner = _read_owner(path)
-        if not _stale(owner):
+        why = _stale(path, owner)
+        if why is None:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("time", 0)))
             raise RunDirLocked(
                 f"run_dir {run_dir}: another flaxpod process (pid {owner.get('pid', '?')} on host "
                 f"{owner.get('host', '?')}, since {since}) is writing it; wait for it, or if that process is "
-                f"gone, delete {path}"
+                f"gone, delete {path} (a lock untouched for {STALE_AFTER_S:.0f} s is broken automatically)"
             )
         # Renaming is atomic: of several processes breaking the same stale lock, one succeeds.
         broken = path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
@@ -114,7 +135,8 @@ def _acquire(run_dir: Path) -> Path:
             broken.unlink()
             if jax.process_index() == 0:
                 print(
-                    f"warning: broke the stale lock {path} of pid {owner.get('pid')} (no longer running)",
+                    f"warning: broke the stale lock {path} of pid {owner.get('pid')} on host "
+                    f"{owner.get('host')} ({why})",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -131,16 +153,28 @@ def hold_run_dir(run_dir: str | Path) -> Iterator[None]:
         yield
         return
     key = Path(os.path.abspath(run_dir)) / LOCK_FILE
-    if key in _held:
-        _held[key] += 1
-    else:
+    if key not in _held:
         _acquire(key.parent)
-        _held[key] = 1
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(key, stop), name="flaxpod-lock", daemon=True)
+        beat.start()
+        _held[key] = _Held(stop, beat)
+    _held[key].depth += 1
     try:
         yield
     finally:
-        _held[key] -= 1
-        if not _held[key]:
+        held = _held[key]
+        held.depth -= 1
+        if not held.depth:
             del _held[key]
+            held.stop.set()
+            held.beat.join()
             with contextlib.suppress(FileNotFoundError):
                 key.unlink()
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    """Touches the lock file while it is held, so other hosts can tell a live holder from a dead one."""
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(OSError):  # a storage hiccup must not kill the run
+            os.utime(path)
