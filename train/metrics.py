@@ -82,7 +82,9 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """A console line per log step: loss, lr, throughput, MFU and ETA."""
 
-    def __init__(self, total_steps: int, *, enabled: bool, stream=sys.stdout):
+    def __init__(self, total_steps: int, *, enabled: bool, stream=None):
+        # None: sys.stdout as it is when a line is printed (a default bound at import would keep a
+        # stream that was replaced since, e.g. by a test's capture, and may be closed)
         self.total, self.enabled, self.stream = total_steps, enabled, stream
         self.start = time.perf_counter()
 
@@ -95,6 +97,6 @@ class Progress:
             f"gnorm {m['grad_norm']:.3f} | {m['tokens_per_sec']:,.0f} tok/s | "
             f"{1000 * step_seconds:.1f} ms/step | mfu {100 * m['mfu']:.2f}% | "
             f"eta {format_duration(eta)}",
-            file=self.stream,
+            file=self.stream or sys.stdout,
             flush=True,
         )
