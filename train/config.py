@@ -236,6 +236,8 @@ def _get(cfg: Config, dotted: str) -> Any:
 def validate(cfg: Config) -> None:
     """Single-config checks (devices and tokenizer are checked later, when they are known); the model's own
     checks ran in ModelConfig.__post_init__."""
+    if not str(cfg.run_dir).strip():
+        raise ConfigError("run_dir: must not be empty (it would write the run into the current directory)")
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {_get(cfg, key)!r}")

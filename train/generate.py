@@ -96,14 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = parser.parse_args(argv)
 
-    from flaxpod.train.cli import run_guarded
+    from flaxpod.train.cli import check_option, run_guarded
 
     def job() -> None:
         from flaxpod.train.run_dir import load_run
 
         prompts = read_prompts(args.prompt, args.prompts_file)
-        if args.batch_size <= 0:
-            raise ValueError(f"--batch-size: expected a positive count, got {args.batch_size}")
+        check_option("--batch-size", args.batch_size, minimum=1)
+        check_option("--max-new-tokens", args.max_new_tokens, minimum=1)
+        check_option("--temperature", args.temperature, minimum=0)
+        check_option("--top-k", args.top_k, minimum=0)
+        check_option("--top-p", args.top_p, above=0, maximum=1)
+        check_option("--step", args.step, minimum=0)
         run = load_run(args.run_dir, args.step)
         texts = generate_texts(
             run,
