@@ -23,14 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flaxpod.train.checkpoint_files import abstract
-from flaxpod.train.config import Config
+from flaxpod.train.config import Config, ConfigError
 from flaxpod.train.flops import flops_per_token
+from flaxpod.train.loop import VOCAB_MULTIPLE
 from flaxpod.train.targets import Target, tpu_devices
 from flaxpod.train.trainer import Trainer
 
 GiB = 1024**3
 EXIT_DOES_NOT_FIT = 5
 # The TPU compiler refuses a program that does not fit instead of returning its statistics.
+_REFUSED_TEMPORARIES = re.compile(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 _TPU_OOM = re.compile(r"(RESOURCE_EXHAUSTED|Ran out of memory|exceeded? (?:hbm|HBM|memory) capacity)")
 
 
@@ -64,7 +66,8 @@ class Plan:
     step_seconds: float = 0.0  # flops_per_step at the chips' bf16 peak (compute only: a lower bound)
     mfu: float = 0.0  # model FLOPs / flops_per_step: the MFU at that step time, a ceiling
     fits: bool = False
-    largest: list[tuple[str, int]] = field(default_factory=list)
+    largest: list[tuple[str, int]] = field(default_factory=list)  # of the state, by parameter
+    largest_temporaries: list[tuple[str, int]] = field(default_factory=list)  # of the compiled program
     compiler_refusal: str = ""  # the TPU compiler's out-of-memory report, when it refused
     advice: list[str] = field(default_factory=list)
 
@@ -82,6 +85,20 @@ def abstract_batch(cfg: Config, trainer: Trainer) -> dict[str, jax.ShapeDtypeStr
     }
     batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
     return batch
+
+
+def resolve_for_plan(cfg: Config) -> Config:
+    """The derived model fields pretraining fills from its tokenizer, filled without one: a
+    SentencePiece vocabulary is trained to `tokenizer.vocab_size` ids (rounded up as pretrain does)."""
+    m = cfg.model
+    vocab = m.vocab_size
+    if not vocab:
+        if cfg.tokenizer.kind != "sentencepiece" or cfg.tokenizer.path:
+            raise ConfigError("model.vocab_size: 0 (from the tokenizer) cannot be known without data; set it to plan")
+        vocab = -(-cfg.tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(m, vocab_size=vocab, max_seq_len=m.max_seq_len or m.seq_len)
+    )
 
 
 def devices_for(target: Target) -> list:
@@ -109,6 +126,7 @@ def shard_bytes(shapes, shardings) -> list[tuple[str, int]]:
 
 def plan(cfg: Config, target: Target, hbm_bytes: int | None = None) -> Plan:
     """Compiles `cfg`'s train step for `target` and judges whether it fits."""
+    cfg = resolve_for_plan(cfg)
     devices = devices_for(target)
     trainer = Trainer.from_config(cfg, devices=devices)
     layout = trainer.layout
@@ -152,10 +170,42 @@ def plan(cfg: Config, target: Target, hbm_bytes: int | None = None) -> Plan:
         return report
     report.compile_seconds = time.perf_counter() - start
     _read_memory(compiled, report)
+    report.largest_temporaries = largest_hlo_buffers(compiled.as_text())
     report.fits = report.peak <= report.hbm_bytes
     if not report.fits:
         report.advice = advise(cfg, report)
     return report
+
+
+_HLO_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*)\[([\d,]*)\]")
+_HLO_BYTES = {"pred": 1, "bf16": 2}
+_NOT_ALLOCATED = {"parameter", "get-tuple-element", "bitcast", "tuple"}  # views of buffers counted elsewhere
+
+
+def largest_hlo_buffers(hlo_text: str, count: int = 6) -> list[tuple[str, int]]:
+    """The largest arrays the compiled program materializes (results of instructions outside
+    fusions; loop-carried tuples counted element by element), named by shape, opcode and the JAX
+    operation they came from: what the temporaries are made of."""
+    found: dict[str, int] = {}
+    in_fusion = False
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():
+            in_fusion = "fus" in line.split("(")[0]  # a fused computation's insides are never allocated
+            continue
+        head, sep, rest = line.partition(" = ")
+        if in_fusion or not sep:
+            continue
+        op = re.search(r"\s([a-z][\w-]*)\(", rest)
+        if not op or op.group(1) in _NOT_ALLOCATED:
+            continue
+        where = re.search(r'op_name="([^"]*)"', rest)
+        source = "/".join(where.group(1).split("/")[-2:]) if where else ""
+        for dtype, dims in _HLO_ARRAY.findall(rest[: op.start()]):
+            width = _HLO_BYTES.get(dtype) or max(int(re.search(r"\d+", dtype).group()) // 8, 1)
+            nbytes = math.prod(int(d) for d in dims.split(",") if d) * width
+            name = f"{dtype}[{dims}] {op.group(1)} {source}".strip()
+            found[name] = max(found.get(name, 0), nbytes)
+    return sorted(found.items(), key=lambda kv: -kv[1])[:count]
 
 
 def _read_memory(compiled, report: Plan) -> None:
@@ -172,20 +222,38 @@ def step_flops(cfg: Config, devices: list) -> float:
     """FLOPs of one train step, all devices, by XLA's cost analysis of the lowered (global) program.
 
     The analysis counts a loop's body once, so the scanned stack of n_layer blocks would count as
-    one block: the step is lowered unrolled with 1 and 2 blocks instead (lowering is cheap, nothing
-    is compiled) and extrapolated, which is exact because the blocks are identical (checked against
-    an unrolled 4-block step in tests/test_plan.py).
+    one block, and the grad_accum micro-batches as one: the step is lowered unrolled with 1 and 2
+    blocks on one micro-batch instead (lowering is cheap, nothing is compiled) and extrapolated.
+    That is exact in depth, because the blocks are identical (checked against an unrolled step in
+    tests/test_plan.py); over micro-batches it also multiplies the optimizer update (a few FLOPs
+    per parameter, against 6 per parameter per token for the model).
     """
+    accum = cfg.train.grad_accum
+    micro_batch = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // accum)
+    micro = dataclasses.replace(cfg, data=micro_batch, train=dataclasses.replace(cfg.train, grad_accum=1))
 
     def flops(n_layer: int) -> float:
         model = dataclasses.replace(cfg.model, n_layer=n_layer, scan_layers=False)
-        small = dataclasses.replace(cfg, model=model)
+        small = dataclasses.replace(micro, model=model)
         trainer = Trainer.from_config(small, devices=devices)
         state = abstract(trainer.layout.shapes, trainer.layout.shardings)
-        return float(trainer.step.lower(state, abstract_batch(small, trainer)).cost_analysis()["flops"])
+        return _unoptimized_flops(trainer.step.lower(state, abstract_batch(small, trainer)))
 
     one, two = flops(1), flops(2)
-    return one + (cfg.model.n_layer - 1) * (two - one)
+    return accum * (one + (cfg.model.n_layer - 1) * (two - one))
+
+
+def _unoptimized_flops(lowered: jax.stages.Lowered) -> float:
+    cost = lowered.cost_analysis()
+    if cost is None:
+        # Lowered for TPU devices that libtpu only describes: no TPU client here to run the analysis.
+        # It reads nothing but the unoptimized HLO, so jax's own implementation runs it on the CPU
+        # client (jax exposes it only privately; this is the call Lowered.cost_analysis makes).
+        from jax._src.lib import _jax
+
+        module = lowered.compiler_ir("hlo").as_hlo_module()
+        cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    return float(cost["flops"])
 
 
 def advise(cfg: Config, report: Plan) -> list[str]:
@@ -211,20 +279,28 @@ def advise(cfg: Config, report: Plan) -> list[str]:
             )
         )
     rows = cfg.data.batch_size // cfg.train.grad_accum // max(mesh["data"] * mesh["fsdp"], 1)
-    if report.temporaries is None or report.temporaries > 0.25 * hbm:
+    temporaries = report.temporaries
+    if temporaries is None and (told := _REFUSED_TEMPORARIES.search(report.compiler_refusal)):
+        # The TPU compiler's own figures (in its units): scale its available HBM to ours.
+        temporaries = float(told.group(1)) / float(told.group(2)) * hbm
+    room = hbm - state - report.batch_bytes
+    if temporaries is None or temporaries > 0.25 * hbm:
         if cfg.model.remat != "full":
             tips.append(
                 f"model.remat=full (now {cfg.model.remat}): recompute each block's activations in the backward pass"
             )
+        # Activations scale with the micro-batch: the smallest power-of-two split that leaves them room.
+        split = 2 ** math.ceil(math.log2(temporaries / room)) if temporaries and room > 0 else 2
+        split = max(2, min(split, rows))
         if rows > 1:
             tips.append(
-                f"train.grad_accum={cfg.train.grad_accum * 2}: halves the micro-batch from {rows} rows per device "
-                "(activations scale with it; the optimizer step is unchanged)"
+                f"train.grad_accum={cfg.train.grad_accum * split}: the micro-batch goes from {rows} to {rows // split} "
+                "rows per data-parallel shard (activations scale with it; the optimizer step is unchanged)"
             )
         else:
             tips.append(
-                "the micro-batch is already one row per device: a shorter model.seq_len, more tensor parallelism "
-                "(mesh.tensor), or a larger slice"
+                "the micro-batch is already one row per data-parallel shard: a shorter model.seq_len, more tensor "
+                "parallelism (mesh.tensor), or a larger slice"
             )
     return tips
 
@@ -271,8 +347,11 @@ def render(report: Plan) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     if not report.fits:
-        lines.append("largest buffers / device:")
+        lines.append("largest state buffers / device:")
         lines += [f"  {name:<48} {_size(nbytes)}" for name, nbytes in report.largest]
+        if report.largest_temporaries:
+            lines.append("largest arrays of the compiled step / device:")
+            lines += [f"  {_size(nbytes):>12}  {name}" for name, nbytes in report.largest_temporaries]
         if report.compiler_refusal:
             lines.append("the TPU compiler refused the program:")
             lines += ["  " + line for line in report.compiler_refusal.splitlines()[:24]]

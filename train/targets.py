@@ -26,11 +26,13 @@ class Chip:
 
 # Figures per chip from the vendors' spec pages:
 # TPU: cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e ("System architecture" tables).
+# (v5e: the compiler reports 15.75 GiB of the 16 GiB available to programs.)
 # GPU: NVIDIA H100 SXM / H200 SXM / A100 80GB SXM / B200 (DGX B200) data sheets, dense (no sparsity).
 TPU_CHIPS = {
     "v4": Chip(32 * GiB, 275e12),
     "v5e": Chip(16 * GiB, 197e12),
-    "v5p": Chip(95 * 10**9, 459e12),
+    # Cloud's page says 95 GB; libtpu's compiler reports 95.74 GiB available to programs on a v5p.
+    "v5p": Chip(96 * GiB, 459e12),
     "v6e": Chip(32 * GiB, 918e12),
 }
 GPU_CHIPS = {
