@@ -84,7 +84,8 @@ def main(argv: list[str]) -> None:
     live = sum(s.data.nbytes for a in jax.live_arrays() for s in a.addressable_shards if s.device == device0)
     predicted_transient = (report.outputs - report.aliased + report.temporaries) * len(devices)
     print(f"config: {argv}, {len(devices)} CPU devices, mesh {report.mesh}, {report.params:,} parameters")
-    print(f"arguments / device: planned {report.arguments:,} B, live after a step {live:,} B ({live / report.arguments:.3f}x)")
+    ratio = live / report.arguments
+    print(f"arguments / device: planned {report.arguments:,} B, live after a step {live:,} B ({ratio:.3f}x)")
     print(
         f"step's extra memory, all devices: planned (outputs - donated + temporaries) x {len(devices)} = "
         f"{predicted_transient:,} B, measured peak RSS - RSS before = {peak - before:,} B "
