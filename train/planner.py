@@ -32,7 +32,8 @@ from flaxpod.train.trainer import Trainer
 GiB = 1024**3
 EXIT_DOES_NOT_FIT = 5
 # The TPU compiler refuses a program that does not fit instead of returning its statistics.
-_REFUSED_TEMPORARIES = re.compile(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+_REFUSED_TEMPORARIES = re.compile(r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _TPU_OOM = re.compile(r"(RESOURCE_EXHAUSTED|Ran out of memory|exceeded? (?:hbm|HBM|memory) capacity)")
 
 
@@ -282,9 +283,10 @@ def advise(cfg: Config, report: Plan) -> list[str]:
     temporaries = report.temporaries
     if temporaries is None and (told := _REFUSED_TEMPORARIES.search(report.compiler_refusal)):
         # The TPU compiler's own figures (in its units): scale its available HBM to ours.
-        temporaries = float(told.group(1)) / float(told.group(2)) * hbm
+        required, available = (float(told.group(i)) * _UNITS[told.group(i + 1)] for i in (1, 3))
+        temporaries = required / available * hbm
     room = hbm - state - report.batch_bytes
-    if temporaries is None or temporaries > 0.25 * hbm:
+    if room > 0 and (temporaries is None or temporaries > 0.25 * hbm):
         if cfg.model.remat != "full":
             tips.append(
                 f"model.remat=full (now {cfg.model.remat}): recompute each block's activations in the backward pass"
