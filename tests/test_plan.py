@@ -51,8 +51,8 @@ def test_targets_match_cloud_slice_shapes():
     for name, (topology, chips, config) in expected.items():
         target = parse_target(name)
         assert (target.topology, target.chips, target.chip_config, target.platform) == (topology, chips, config, "tpu")
-    multi = parse_target("4xv5e-256")
-    assert (multi.slices, multi.chips, multi.topology) == (4, 1024, "v5e:16x16")
+    with pytest.raises(InputError, match="several TPU slices"):
+        parse_target("4xv5e-256")
     gpu = parse_target("2xH200x8")
     assert (gpu.platform, gpu.chips, gpu.chip.hbm_bytes) == ("cpu", 16, 141 * 10**9)
     assert parse_target("v5e-16").chip.hbm_bytes == 16 * GiB

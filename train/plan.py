@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--target",
         required=True,
-        help="v5p-128, v5e-256 (= v5litepod-256), v4-64, v6e-256, v5p:4x4x12, 2xv5e-256, h100x8, h200x8, 2xh200x8",
+        help="v5p-128, v5e-256 (= v5litepod-256), v4-64, v6e-256, v5p:4x4x12, h100x8, h200x8, 2xh200x8 (2 hosts)",
     )
     parser.add_argument("--hbm", type=parse_bytes, help="memory per device to fit in (default: the chip's HBM)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
