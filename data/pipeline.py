@@ -22,10 +22,12 @@ Batch = dict[str, np.ndarray]
 
 
 def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer) -> np.ndarray:
-    """All documents' token ids as one int32 array, each followed by EOS if there is one."""
+    """All documents' token ids as one int32 array, each after the BOS policy's prefix (as
+    transformers encodes a text) and followed by EOS if there is one."""
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    prefix = tokenizer.prefix_ids
     ids = tokenizer.encode_batch(corpus.documents)
-    return np.concatenate([np.asarray(doc + eos, dtype=np.int32) for doc in ids])
+    return np.concatenate([np.asarray(prefix + doc + eos, dtype=np.int32) for doc in ids])
 
 
 def num_windows(num_tokens: int, seq_len: int, stride: int) -> int:

@@ -1,9 +1,14 @@
 """`flaxpod prepare`: tokenize raw text once into ArrayRecord shards that every host can read.
 
-    flaxpod prepare INPUTS... --out DIR [--tokenizer DIR_OR_MODEL | --vocab-size 8000
-        --model-type bpe] [--jsonl-field text] [--val-fraction 0.005]
-        [--shard-docs N | --shard-bytes 64M] [--workers N]
-    flaxpod tokenizer INPUTS... --out DIR --vocab-size 8000 --model-type bpe
+    flaxpod prepare INPUTS... --out DIR [--tokenizer DIR_OR_FILE | --vocab-size 8000
+        --model-type bpe] [--text-field text] [--min-field score=0.5] [--require-field lang=en]
+        [--val-fraction 0.005] [--shard-docs N | --shard-bytes 64M] [--workers N]
+    flaxpod tokenizer INPUTS... --out DIR --vocab-size 8000 --model-type bpe|unigram|byte-bpe
+
+INPUTS are text files, JSONL (one document per line), Parquet (one per row, read a row group at
+a time), each optionally .gz or .zst compressed (not Parquet), as files, directories or globs
+over mixed formats. --text-field names the string field (dotted for nested: meta.text);
+--min-field and --require-field skip rows (repeatable; all must hold); empty texts are skipped.
 
 Output directory:
 
@@ -40,13 +45,14 @@ from pathlib import Path
 from flaxpod.data.documents import (
     MAX_EXAMPLES,
     DocumentReader,
+    RowFilter,
     document_hash,
     hash_below,
     input_files,
 )
 from flaxpod.data.progress import Progress
 from flaxpod.data.shard_builder import SPLITS, STATE_DIR, ShardBuilder, TokenizerPool
-from flaxpod.data.shards import write_json
+from flaxpod.data.shards import FORMAT, write_json
 from flaxpod.data.tokenizer import Tokenizer
 from flaxpod.data.tokenizer_training import (
     DEFAULT_SAMPLE_BYTES,
@@ -55,7 +61,6 @@ from flaxpod.data.tokenizer_training import (
     train_tokenizer_on_inputs,
 )
 
-FORMAT = "flaxpod-prepared-dataset"
 FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_SHARD_BYTES = 64 << 20
@@ -103,6 +108,7 @@ def prepare_dataset(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     model_type: str = DEFAULT_MODEL_TYPE,
     jsonl_field: str = "text",
+    row_filter: RowFilter | None = None,
     val_fraction: float = 0.005,
     shard_docs: int | None = None,
     shard_bytes: int | None = None,
@@ -151,12 +157,13 @@ def prepare_dataset(
         vocab_size=vocab_size,
         model_type=model_type,
         jsonl_field=jsonl_field,
+        row_filter=row_filter,
         sample_bytes=tokenizer_sample_bytes,
         log=log,
     )
     tokenizer_seconds = time.perf_counter() - start
 
-    reader = DocumentReader(files, jsonl_field=jsonl_field)
+    reader = DocumentReader(files, jsonl_field=jsonl_field, row_filter=row_filter)
     bar = Progress("prepare", reader.total_disk_bytes(), enabled=progress)
     pool = TokenizerPool(tok, out / TOKENIZER_DIR, workers)
     builder = ShardBuilder(out, pool, bar, shard_docs=shard_docs, shard_bytes=shard_bytes)
@@ -223,10 +230,12 @@ def prepare_dataset(
             "bos_id": tok.bos_id,
             "pad_id": tok.pad_id,
             "fingerprint": tok.fingerprint(),
+            **tok.describe(),
             **tok_info,
         },
         "inputs": [str(spec) for spec in inputs],
         "jsonl_field": jsonl_field,
+        "row_filter": (row_filter or RowFilter()).as_dict(),
         "val_fraction": val_fraction,
         "split_rule": "val iff int(sha256(utf8 text)[:8], big-endian) < val_fraction * 2**64",
         "shard_docs": shard_docs,
@@ -263,21 +272,44 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_size(text: str) -> int:
-    """'64M', '1G', '500k' or '1048576' -> bytes (powers of 1024)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
+    """'64M', '5GB', '1.5GiB', '500k' or '1048576' -> bytes (powers of 1024); an argparse `type`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
     if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 64M or 1048576, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a size like 64M, 5GB or 1048576, got {text!r}")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    return int(match.group(1)) * scale[match.group(2).lower()]
+    return int(float(match.group(1)) * scale[match.group(2).lower()])
 
 
 def _add_tokenizer_training_args(parser: argparse.ArgumentParser) -> None:
     # Defaults are filled in later, so that prepare can tell them from given values.
     parser.add_argument("--vocab-size", type=int, help=f"SentencePiece vocabulary size (default {DEFAULT_VOCAB_SIZE})")
     parser.add_argument(
-        "--model-type", choices=("bpe", "unigram"), help=f"SentencePiece model type (default {DEFAULT_MODEL_TYPE})"
+        "--model-type",
+        choices=("bpe", "unigram", "byte-bpe"),
+        help=f"SentencePiece bpe or unigram, or byte-bpe: a byte-level BPE trained with `tokenizers` "
+        f"(default {DEFAULT_MODEL_TYPE})",
     )
-    parser.add_argument("--jsonl-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    parser.add_argument(
+        "--text-field",
+        "--jsonl-field",
+        dest="jsonl_field",
+        default="text",
+        help="field holding the text in JSONL/Parquet rows, dotted for nested fields (default: text)",
+    )
+    parser.add_argument(
+        "--min-field",
+        action="append",
+        default=[],
+        metavar="NAME=NUMBER",
+        help="skip rows whose numeric field NAME is missing or below NUMBER (repeatable)",
+    )
+    parser.add_argument(
+        "--require-field",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="skip rows whose field NAME is not the string VALUE (repeatable)",
+    )
     parser.add_argument(
         "--tokenizer-sample",
         type=parse_size,
@@ -334,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             vocab_size=args.vocab_size,
             model_type=args.model_type,
             jsonl_field=args.jsonl_field,
+            row_filter=RowFilter.parse(args.min_field, args.require_field),
             val_fraction=args.val_fraction,
             shard_docs=args.shard_docs,
             shard_bytes=args.shard_bytes,
@@ -362,7 +395,8 @@ def summary(meta: dict, out: str | os.PathLike) -> str:
         f"{run['input_bytes'] / 1e6 / max(run['seconds_tokenize'], 1e-9):.2f} MB/s, "
         f"{run['workers']} workers); shards reused: {run['shards_reused']}",
         f"inputs: {reading['files']} files, {reading['text_bytes']:,} bytes of text; "
-        f"{reading['empty_documents']} empty skipped; {reading['crlf_documents']} with CRLF; "
+        f"{reading['empty_documents']} empty skipped; {reading['filtered_rows']} rows filtered out; "
+        f"{reading['crlf_documents']} with CRLF; "
         f"{reading['replaced_bytes']} undecodable bytes replaced"
         + (
             f" in {reading['files_with_replacements']} files "
@@ -380,7 +414,10 @@ def summary(meta: dict, out: str | os.PathLike) -> str:
 
 
 def _tokenizer_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="flaxpod tokenizer", description="Train a SentencePiece tokenizer on text inputs.")
+    parser = _ArgumentParser(
+        prog="flaxpod tokenizer",
+        description="Train a SentencePiece or byte-level BPE (tokenizers) tokenizer on text inputs.",
+    )
     parser.add_argument("inputs", nargs="+", help="text/.gz/.jsonl files, directories, globs")
     parser.add_argument("--out", required=True, help="directory to save the tokenizer in")
     _add_tokenizer_training_args(parser)
@@ -404,6 +441,7 @@ def tokenizer_main(argv: list[str] | None = None) -> int:
             vocab_size=args.vocab_size,
             model_type=args.model_type,
             jsonl_field=args.jsonl_field,
+            row_filter=RowFilter.parse(args.min_field, args.require_field),
             sample_bytes=args.tokenizer_sample,
             byte_fallback=not args.no_byte_fallback,
         )

@@ -35,10 +35,10 @@ import numpy as np
 from absl import flags
 from flaxpod.data.packing import PackedRowsIterDataset, decode_group
 from flaxpod.data.pipeline import local_batch_size
+from flaxpod.data.shards import FORMAT
 from grain.experimental import WindowShuffleIterDataset
 
 Batch = dict[str, np.ndarray]
-FORMAT = "flaxpod-prepared-dataset"
 SUPPORTED_VERSIONS = (1,)
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 

@@ -7,9 +7,12 @@ import time
 from typing import TextIO
 
 
-def _clock(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """'1h02m03s', or '2m03s' under an hour: progress lines' ETAs (data preparation and training)."""
     seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 class Progress:
@@ -44,7 +47,7 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         rate = self.done_bytes / elapsed if elapsed > 0 else 0.0
         left = self.total_bytes - self.done_bytes
-        eta = _clock(left / rate) if rate > 0 else "?"
+        eta = format_duration(left / rate) if rate > 0 else "?"
         percent = 100.0 * self.done_bytes / self.total_bytes
         return (
             f"{self.label}: {self.documents} docs | {self.done_bytes / 1e6:.1f}/"

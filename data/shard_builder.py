@@ -42,7 +42,8 @@ def _tokenize_task(task: tuple[list[str], list[str]]) -> list[bytes]:
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str], sources: list[str]) -> list[bytes]:
-    """Records (see `data.shards.encode_record`) of documents, eos appended if it exists.
+    """Records (see `data.shards.encode_record`) of documents: the tokenizer's BOS policy
+    applied (`prefix_ids`), eos appended if it exists.
 
     A document the tokenizer rejects is named by its source in the error.
     """
@@ -55,7 +56,8 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], sources: list[str])
             except ValueError as e:
                 raise ValueError(f"{source}: {e}") from None
         raise
-    return [encode_record(doc, tokenizer.eos_id) for doc in ids]
+    prefix = tokenizer.prefix_ids
+    return [encode_record(prefix + doc, tokenizer.eos_id) for doc in ids]
 
 
 def _tasks(texts: Sequence[str], sources: Sequence[str]) -> Iterator[tuple[list[str], list[str]]]:

@@ -21,6 +21,8 @@ RECORD_DTYPE = np.dtype("<i4")
 # anything else because random access would have to decompress whole groups.
 WRITER_OPTIONS = "group_size:1,zstd:3"
 TMP_SUFFIX = ".tmp"
+# The `format` of a prepared dataset's meta.json: written by data/prepare.py, checked by data/prepared.py.
+FORMAT = "flaxpod-prepared-dataset"
 
 
 def shard_name(index: int) -> str:

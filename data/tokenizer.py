@@ -1,6 +1,7 @@
-"""Tokenizers: nanoGPT's character tokenizer and a SentencePiece BPE/unigram tokenizer.
+"""Tokenizers: nanoGPT's character tokenizer, a SentencePiece BPE/unigram tokenizer, and any
+Hugging Face tokenizer.json through the `tokenizers` library (data/hf_tokenizers.py).
 
-Both serialize to one small file in the run directory (never a pickle) and expose a
+Each serializes to one small file in the run directory (never a pickle) and expose a
 `fingerprint()`, the sha256 of exactly those bytes, so that later stages can refuse data
 tokenized by a different tokenizer.
 """
@@ -22,10 +23,14 @@ import sentencepiece as spm
 
 CHAR_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
+HF_FILE = "hf_tokenizer.json"  # data/hf_tokenizers.py: a tokenizer.json with flaxpod's metadata
 
 # Special ids of trained SentencePiece models. pad is 0 so that zero-filled arrays read as
 # padding; eos ends every document in the token stream; bos exists for finetuning formats.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# Ids of context kept when decoding a stream: enough for any decoder's look-behind (a space
+# before a word, a character split over up to four byte tokens) without growing with the text.
+_DECODE_CONTEXT = 8
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -50,10 +55,25 @@ class Tokenizer(abc.ABC):
     eos_id: int | None = None
     bos_id: int | None = None
     pad_id: int | None = None
+    # BOS policy: whether a model sequence starts with BOS (as transformers' tokenizer(text) does).
+    add_bos: bool = False
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS."""
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        """Ids that start every model sequence under the BOS policy (BOS, or nothing)."""
+        return [self.bos_id] if self.add_bos and self.bos_id is not None else []
+
+    def encode_for_model(self, text: str) -> list[int]:
+        """Ids as transformers' `tokenizer(text)["input_ids"]` gives them: the BOS policy applied."""
+        return self.prefix_ids + self.encode(text)
+
+    def describe(self) -> dict:
+        """Kind-specific facts for metadata (special tokens, BOS policy)."""
+        return {"add_bos": self.add_bos}
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` applied to each text."""
@@ -62,6 +82,22 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (special tokens decode to nothing)."""
+
+    def decode_stream(self, context_ids: Sequence[int], new_ids: Sequence[int]) -> Iterator[str]:
+        """Text of `new_ids` after `context_ids`, in pieces as the ids arrive, each piece whole
+        characters: ids that end inside a UTF-8 character (byte fallback) are held back until it
+        completes, and never printed if it does not. Decoding in context keeps word-initial
+        spaces that a decoder strips at the start of a text."""
+        window = list(context_ids[-_DECODE_CONTEXT:])
+        shown = self.decode(window)
+        for i in new_ids:
+            window.append(int(i))
+            text = self.decode(window)
+            if text.endswith("\ufffd") or not text.startswith(shown):
+                continue  # an incomplete character: wait for the ids that complete it
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+            shown = text
 
     @abc.abstractmethod
     def serialize(self) -> bytes:
@@ -166,6 +202,19 @@ class SentencePieceTokenizer(Tokenizer):
 
     def serialize(self) -> bytes:
         return self.model_proto
+
+    @property
+    def model_type(self) -> str:
+        """`bpe` or `unigram` (or another SentencePiece model type, lower-case)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.model_proto)
+        return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
+
+    @property
+    def is_segmentable(self) -> bool:
+        """Whether this is a model as flaxpod trains it (identity normalization, no dummy prefix)."""
+        return self._segmentable
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
@@ -294,22 +343,62 @@ def train_char_tokenizer(text: str) -> CharTokenizer:
     return CharTokenizer(sorted(set(text)))
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load the tokenizer saved in `directory` (tokenizer.json or tokenizer.model)."""
-    directory = Path(directory)
-    found = [f for f in (CHAR_FILE, SENTENCEPIECE_FILE) if (directory / f).is_file()]
-    if not found:
-        raise FileNotFoundError(f"no tokenizer in {directory}: expected {CHAR_FILE} or {SENTENCEPIECE_FILE}")
-    if len(found) > 1:
-        raise ValueError(f"{directory}: holds both {CHAR_FILE} and {SENTENCEPIECE_FILE}; keep one")
-    if found[0] == CHAR_FILE:
-        return CharTokenizer.load(directory / CHAR_FILE)
-    return SentencePieceTokenizer.load(directory / SENTENCEPIECE_FILE)
+def is_char_tokenizer_file(path: Path) -> bool:
+    """Whether a tokenizer.json is flaxpod's char format ({"kind": "char", ...}) rather than a
+    Hugging Face tokenizer.json (which has a "model" object). Both use the same file name."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    return isinstance(spec, dict) and spec.get("kind") == "char"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer saved in a run's or dataset's tokenizer directory, or any other tokenizer
+    flaxpod reads: a Hugging Face model directory (as transformers would load it), a
+    tokenizer.json (char or Hugging Face) or a SentencePiece .model file."""
+    from flaxpod.data import hf_tokenizer, hf_tokenizers
+
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".json":
+            if is_char_tokenizer_file(path):
+                return CharTokenizer.load(path)
+            if path.name == HF_FILE:
+                return hf_tokenizers.HFTokenizer.load(path)
+            return hf_tokenizers.HFTokenizer.from_hf_files(path)
+        return SentencePieceTokenizer.load(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer {path}: no such directory or file")
+    if (path / HF_FILE).is_file():
+        return hf_tokenizers.HFTokenizer.load(path / HF_FILE)
+    char, sp = path / CHAR_FILE, path / SENTENCEPIECE_FILE
+    if char.is_file() and not sp.is_file() and is_char_tokenizer_file(char):
+        return CharTokenizer.load(char)
+    if sp.is_file() and not char.is_file():
+        return SentencePieceTokenizer.load(sp)
+    found = hf_tokenizer.read_hf_tokenizer(path)
+    if found is None:
+        raise FileNotFoundError(f"no tokenizer in {path}: expected {CHAR_FILE} or {SENTENCEPIECE_FILE} (or {HF_FILE})")
+    return found
 
 
 def has_tokenizer(directory: str | Path) -> bool:
     """True if `directory` holds a saved tokenizer file."""
-    return any((Path(directory) / f).is_file() for f in (CHAR_FILE, SENTENCEPIECE_FILE))
+    return any((Path(directory) / f).is_file() for f in (CHAR_FILE, SENTENCEPIECE_FILE, HF_FILE))
+
+
+def train_tokenizer_of_kind(kind: str, texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:
+    """Trains a tokenizer of config kind `kind`: char, sentencepiece, or huggingface (byte-level BPE)."""
+    if kind == "char":
+        return train_char_tokenizer("".join(texts))
+    if kind == "sentencepiece":
+        return train_sentencepiece(texts, vocab_size, model_type)
+    if kind == "huggingface":
+        from flaxpod.data.hf_tokenizers import train_byte_level_bpe
+
+        return train_byte_level_bpe(texts, vocab_size)
+    raise ValueError(f"tokenizer.kind: expected 'char', 'sentencepiece' or 'huggingface', got {kind!r}")
 
 
 def tokenizer_from_config(
@@ -332,11 +421,6 @@ def tokenizer_from_config(
             raise ValueError(f"tokenizer.kind: {directory} holds a {tok.kind!r} tokenizer, config asks {kind!r}")
         return tok
     texts = [text_sample] if isinstance(text_sample, str) else text_sample
-    if kind == "char":
-        tok = train_char_tokenizer("".join(texts))
-    elif kind == "sentencepiece":
-        tok = train_sentencepiece(texts, vocab_size, model_type)
-    else:
-        raise ValueError(f"tokenizer.kind: expected 'char' or 'sentencepiece', got {kind!r}")
+    tok = train_tokenizer_of_kind(kind, texts, vocab_size, model_type)
     tok.save(directory)
     return tok

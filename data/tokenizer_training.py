@@ -1,7 +1,9 @@
-"""Train a SentencePiece tokenizer on a sample of raw inputs, or load a given one.
+"""Which tokenizer a job uses: one it saved before, a given one, or one trained here (SentencePiece,
+or a byte-level BPE with `tokenizers`).
 
-Shared by `flaxpod tokenizer` (train only) and `flaxpod prepare` (train, or reuse the one
-a previous run of the same command trained, so that re-running rewrites nothing).
+Shared by `flaxpod tokenizer` (train only), `flaxpod prepare` (train, or reuse the one a previous
+run of the same command trained, so that re-running rewrites nothing) and training runs (the run's
+saved tokenizer, else `tokenizer.path`, else one trained in memory on the run's text).
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from flaxpod.data.documents import DocumentReader, document_hash, hash_below
+from flaxpod.data.documents import DocumentReader, RowFilter, document_hash, hash_below
+from flaxpod.data.hf_tokenizers import train_byte_level_bpe
 from flaxpod.data.shards import read_json, write_json
 from flaxpod.data.tokenizer import (
-    SentencePieceTokenizer,
     Tokenizer,
     has_tokenizer,
     load_tokenizer,
     train_sentencepiece,
+    train_tokenizer_of_kind,
 )
 
 DEFAULT_SAMPLE_BYTES = 256 << 20
@@ -27,14 +30,29 @@ DEFAULT_SAMPLE_BYTES = 256 << 20
 _SAMPLE_SALT = b"tokenizer-sample:"
 
 
-def load_tokenizer_arg(spec: str | os.PathLike) -> Tokenizer:
-    """The tokenizer named by --tokenizer: a saved tokenizer directory or a `.model` file."""
+def load_tokenizer_arg(spec: str | os.PathLike, option: str = "--tokenizer") -> Tokenizer:
+    """The tokenizer named by `option` (--tokenizer, tokenizer.path): a flaxpod or Hugging Face tokenizer
+    directory, a tokenizer.json, or a SentencePiece `.model` file."""
     path = Path(spec)
-    if path.is_dir():
+    if path.exists():
         return load_tokenizer(path)
-    if path.is_file():
-        return SentencePieceTokenizer.load(path)
-    raise FileNotFoundError(f"--tokenizer {os.fspath(spec)!r}: no such directory or SentencePiece model file")
+    raise FileNotFoundError(f"{option} {os.fspath(spec)!r}: no such directory or tokenizer file")
+
+
+def saved_or_given_tokenizer(saved: Path, given: str | os.PathLike | None, option: str) -> Tokenizer | None:
+    """The tokenizer saved in `saved` (a resumed job keeps the one it started with), else the `given`
+    tokenizer (named by `option` in errors); None when there is neither and one must be trained."""
+    if has_tokenizer(saved):
+        return load_tokenizer(saved)
+    if given:
+        return load_tokenizer_arg(given, option)
+    return None
+
+
+def train_tokenizer_on_texts(kind: str, texts: list[str], *, vocab_size: int, model_type: str) -> Tokenizer:
+    """A `char`, `sentencepiece` or `huggingface` (byte-level BPE) tokenizer trained in memory on `texts`
+    (a training run's corpus)."""
+    return train_tokenizer_of_kind(kind, texts, vocab_size, model_type)
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
@@ -69,20 +87,21 @@ def train_tokenizer_on_inputs(
     vocab_size: int,
     model_type: str,
     jsonl_field: str = "text",
+    row_filter: RowFilter | None = None,
     sample_bytes: int = DEFAULT_SAMPLE_BYTES,
     byte_fallback: bool = True,
 ) -> tuple[Tokenizer, dict]:
-    """Trains SentencePiece on a hash-chosen sample of the documents in `files`.
+    """Trains a tokenizer on a hash-chosen sample of the documents in `files`: SentencePiece
+    (model_type bpe or unigram) or a byte-level BPE with `tokenizers` (model_type byte-bpe).
 
     Returns the tokenizer and how it was trained (settings, sample size) for metadata.
     """
     counts = {"documents": 0, "chars": 0}
-    tokenizer = train_sentencepiece(
-        _sample_texts(DocumentReader(files, jsonl_field=jsonl_field), sample_bytes, counts),
-        vocab_size,
-        model_type=model_type,
-        byte_fallback=byte_fallback,
-    )
+    texts = _sample_texts(DocumentReader(files, jsonl_field=jsonl_field, row_filter=row_filter), sample_bytes, counts)
+    if model_type == "byte-bpe":
+        tokenizer = train_byte_level_bpe(texts, vocab_size)
+    else:
+        tokenizer = train_sentencepiece(texts, vocab_size, model_type=model_type, byte_fallback=byte_fallback)
     if counts["documents"] == 0:
         raise ValueError("tokenizer: the inputs hold no text to train on")
     info = {
@@ -112,6 +131,7 @@ def dataset_tokenizer(
     jsonl_field: str,
     sample_bytes: int,
     log: Callable[[str], None],
+    row_filter: RowFilter | None = None,
 ) -> tuple[Tokenizer, dict]:
     """The tokenizer of a dataset being prepared, saved in `directory`.
 
@@ -129,6 +149,7 @@ def dataset_tokenizer(
         "vocab_size": vocab_size,
         "model_type": model_type,
         "jsonl_field": jsonl_field,
+        "row_filter": (row_filter or RowFilter()).as_dict(),
         "sample_bytes": sample_bytes,
     }
     request_hash = _request_hash(files, request)
@@ -138,12 +159,13 @@ def dataset_tokenizer(
         if tok.fingerprint() == previous.get("fingerprint"):
             log(f"reusing the tokenizer a previous run trained ({directory})")
             return tok, previous["info"]
-    log(f"training a {model_type} SentencePiece tokenizer, vocab {vocab_size} ...")
+    log(f"training a {model_type} tokenizer, vocab {vocab_size} ...")
     tok, info = train_tokenizer_on_inputs(
         files,
         vocab_size=vocab_size,
         model_type=model_type,
         jsonl_field=jsonl_field,
+        row_filter=row_filter,
         sample_bytes=sample_bytes,
     )
     save_tokenizer(tok, directory)

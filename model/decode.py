@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flaxpod.model.config import ModelConfig
 from flaxpod.model.transformer import Transformer
 
 
@@ -58,8 +59,7 @@ def sample_token(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.A
 
 def init_cache(model: Transformer, batch: int, length: int) -> dict[str, jax.Array]:
     cfg = model.cfg
-    kv = cfg.n_kv_head or cfg.n_head
-    shape = (cfg.n_layer, batch, length, kv, cfg.d_model // cfg.n_head)
+    shape = (cfg.n_layer, batch, length, cfg.kv_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
@@ -118,12 +118,12 @@ def _prompt_layout(tokens: jax.Array, lengths: jax.Array, total: int) -> tuple[j
     return cols >= pad, jnp.maximum(cols - pad, 0).astype(jnp.int32)
 
 
-def check_lengths(model_cfg, prompt_len: int, max_new_tokens: int) -> None:
+def check_lengths(model_cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
     """Learned position embeddings (gpt2) end at max_seq_len; RoPE (llama) has no hard end."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected a positive count, got {max_new_tokens}")
-    limit = model_cfg.max_seq_len or model_cfg.seq_len
-    if model_cfg.family == "gpt2" and prompt_len + max_new_tokens > limit:
+    limit = model_cfg.max_len
+    if model_cfg.learned_positions and prompt_len + max_new_tokens > limit:
         raise ValueError(
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
             f"{limit} positions (model.max_seq_len); shorten the prompt or generate fewer tokens"

@@ -9,21 +9,18 @@ as we do, so no permutation of q/k rows is needed.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import numpy as np
-from flaxpod.train.config import ModelConfig
+from flaxpod.model.config import ModelConfig
 
 GPT2_ARCH, LLAMA_ARCH = "GPT2LMHeadModel", "LlamaForCausalLM"
 SUPPORTED = {"gpt2": GPT2_ARCH, "llama": LLAMA_ARCH}
 # GPT-2's "gelu_new" and "gelu_pytorch_tanh" are both the tanh approximation our MLP uses.
-GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
-
-
-def _mlp_width(cfg: ModelConfig) -> int:
-    from flaxpod.model.transformer import mlp_width
-
-    return mlp_width(cfg)
+# Names transformers' ACT2FN maps to the same function as ours: the tanh approximation of GELU
+# (NewGELUActivation, GELUTanh, FastGELUActivation, AccurateGELUActivation) for gpt2, and SiLU (nn.SiLU) for llama.
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast", "gelu_accurate")
+SILU_ACTIVATIONS = ("silu", "swish")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,7 +29,7 @@ def _mlp_width(cfg: ModelConfig) -> int:
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuses models Hugging Face's class of the family cannot express exactly."""
-    if cfg.family == "gpt2" and (cfg.n_kv_head or cfg.n_head) != cfg.n_head:
+    if cfg.family == "gpt2" and cfg.kv_heads != cfg.n_head:
         raise ValueError(
             f"model.n_kv_head={cfg.n_kv_head}: GPT2LMHeadModel has no grouped-query attention "
             f"(it needs n_kv_head == n_head={cfg.n_head}); this gpt2-family model cannot be exported"
@@ -59,8 +56,8 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, pad_i
             "n_embd": cfg.d_model,
             "n_layer": cfg.n_layer,
             "n_head": cfg.n_head,
-            "n_positions": cfg.max_seq_len or cfg.seq_len,
-            "n_inner": _mlp_width(cfg),
+            "n_positions": cfg.max_len,
+            "n_inner": cfg.mlp_width,
             "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": 0.0,
@@ -74,13 +71,13 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, pad_i
     return {
         **common,
         "hidden_size": cfg.d_model,
-        "intermediate_size": _mlp_width(cfg),
+        "intermediate_size": cfg.mlp_width,
         "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head or cfg.n_head,
-        "head_dim": cfg.d_model // cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len or cfg.seq_len,
+        "max_position_embeddings": cfg.max_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # transformers 4.x
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5.x
@@ -102,10 +99,7 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     p = params
     blocks = params["blocks"]
     out: dict[str, np.ndarray] = {}
-    d, h = cfg.d_model, cfg.n_head
-    kv = cfg.n_kv_head or h
-    hd = d // h
-    f = _mlp_width(cfg)
+    d, h, kv, hd, f = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.mlp_width
 
     def flat(x: np.ndarray, *shape: int) -> np.ndarray:
         return np.asarray(x, np.float32).reshape(shape)
@@ -157,14 +151,23 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 # Hugging Face -> flaxpod
 
 
+def _rope_type(params: dict) -> str:
+    return params.get("rope_type", params.get("type", "default"))
+
+
 def _rope_theta(config: dict, where: str) -> float:
-    """RoPE base from a 5.x `rope_parameters` or a 4.x `rope_theta`; scaled RoPE is refused."""
+    """RoPE base read as transformers 5 reads it (PreTrainedConfig.convert_rope_params_to_dict):
+    a non-empty `rope_scaling` replaces `rope_parameters`, and theta comes from the chosen dict,
+    else the top-level `rope_theta`, else 10000. Scaled RoPE in either field is refused."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type"))
-    if rope_type not in (None, "default"):
-        raise ValueError(f"{where}: rope type {rope_type!r} is not supported (only plain RoPE, rope_type 'default')")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    for key, entry in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if _rope_type(entry) != "default":
+            raise ValueError(
+                f"{where}: {key} has rope type {_rope_type(entry)!r}; flaxpod supports only rope_type default"
+            )
+    chosen = scaling or params
+    return float(chosen.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def model_config_from_hf(config: dict, where: str) -> ModelConfig:
@@ -203,8 +206,10 @@ def model_config_from_hf(config: dict, where: str) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise ValueError(f"{where}: {key}=true is not supported (flaxpod's llama family has no biases)")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {config.get('hidden_act')!r} is not supported (expected silu)")
+    if config.get("hidden_act", "silu") not in SILU_ACTIVATIONS:
+        raise ValueError(
+            f"{where}: hidden_act {config.get('hidden_act')!r} is not supported (expected one of {SILU_ACTIVATIONS})"
+        )
     if (config.get("pretraining_tp") or 1) != 1:
         raise ValueError(f"{where}: pretraining_tp={config['pretraining_tp']} is not supported (expected 1)")
     d, heads = config["hidden_size"], config["num_attention_heads"]
@@ -261,11 +266,8 @@ class _Tensors:
 def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str) -> dict:
     """Hugging Face state dict -> our parameter tree (float32 numpy), shapes checked."""
     t = _Tensors(tensors, where)
-    d, h, n = cfg.d_model, cfg.n_head, cfg.n_layer
-    kv = cfg.n_kv_head or h
-    hd = d // h
-    f = _mlp_width(cfg)
-    v = cfg.vocab_size
+    d, h, n, v = cfg.d_model, cfg.n_head, cfg.n_layer, cfg.vocab_size
+    kv, hd, f = cfg.kv_heads, cfg.head_dim, cfg.mlp_width
 
     def stack(fn) -> np.ndarray:
         return np.stack([fn(i) for i in range(n)])
@@ -281,7 +283,7 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str) -> dic
         qb, kb, vb = np.split(c_attn_b, 3, axis=1)
         params = {
             "embed": g("wte.weight", (v, d)),
-            "pos_embed": g("wpe.weight", (cfg.max_seq_len, d)),
+            "pos_embed": g("wpe.weight", (cfg.max_len, d)),
             "final_norm": {"scale": g("ln_f.weight", (d,)), "bias": g("ln_f.bias", (d,))},
             "blocks": {
                 "attn_norm": {
@@ -351,8 +353,6 @@ def drop_zero_biases(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]
     """A gpt2-family import whose biases are all exactly zero (as `flaxpod export` writes for a
     bias=false model) becomes a bias=false model again: the same function, and export -> import
     gives back the original parameter tree."""
-    import dataclasses
-
     if cfg.family != "gpt2":
         return params, cfg
     blocks = params["blocks"]
@@ -369,14 +369,3 @@ def drop_zero_biases(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]
         }
 
     return strip(params), dataclasses.replace(cfg, bias=False)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dict -> {"a/b/c": array}: the names of the plain safetensors format."""
-    out: dict[str, np.ndarray] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            out[prefix + key] = np.ascontiguousarray(np.asarray(value))
-    return out

@@ -7,12 +7,17 @@ can `lax.scan` over them; inside the scan each module sees one layer's slice.
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flaxpod.model import axes as ax
 from flaxpod.model.axes import constrain
+from flaxpod.model.config import ModelConfig
+
+Init = Literal["normal", "ones", "zeros"]
 
 
 def make_param(
@@ -20,7 +25,7 @@ def make_param(
     shape: tuple[int, ...],
     names: tuple[str | None, ...],
     stack: int,
-    init: str = "normal",
+    init: Init = "normal",
     std: float = 0.02,
 ) -> nnx.Param:
     """A float32 parameter of `shape` (with `stack` layers in front when stack > 0).
@@ -33,8 +38,10 @@ def make_param(
         value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     elif init == "ones":
         value = jnp.ones(shape, jnp.float32)
-    else:
+    elif init == "zeros":
         value = jnp.zeros(shape, jnp.float32)
+    else:  # a typo must not quietly give zeros
+        raise ValueError(f"make_param: init expected one of {list(typing.get_args(Init))}, got {init!r}")
     return nnx.Param(value, axes=names)
 
 
@@ -91,17 +98,15 @@ def attention_mask(segment_ids: jax.Array | None, length: int) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg, *, stack: int, rngs: nnx.Rngs):
-        d, h, kv = cfg.d_model, cfg.n_head, cfg.n_kv_head or cfg.n_head
-        hd = d // h
+    def __init__(self, cfg: ModelConfig, *, stack: int, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.cfg, self.n_head, self.n_kv, self.head_dim = cfg, h, kv, hd
-        bias = cfg.bias and cfg.family == "gpt2"
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
         self.q = make_param(rngs, (d, h, hd), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), stack, std=cfg.init_std)
         self.k = make_param(rngs, (d, kv, hd), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), stack, std=cfg.init_std)
         self.v = make_param(rngs, (d, kv, hd), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), stack, std=cfg.init_std)
         self.o = make_param(rngs, (h, hd, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), stack, std=out_std)
-        if bias:
+        if cfg.has_bias:
             self.q_bias = make_param(None, (h, hd), (ax.HEADS, ax.HEAD_DIM), stack, init="zeros")
             self.k_bias = make_param(None, (kv, hd), (ax.KV_HEADS, ax.HEAD_DIM), stack, init="zeros")
             self.v_bias = make_param(None, (kv, hd), (ax.KV_HEADS, ax.HEAD_DIM), stack, init="zeros")
@@ -118,7 +123,7 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(dtype)
             k = k + self.k_bias[...].astype(dtype)
             v = v + self.v_bias[...].astype(dtype)
-        if self.cfg.family == "llama":
+        if self.cfg.is_llama:
             q = rope(q, positions, self.cfg.rope_theta)
             k = rope(k, positions, self.cfg.rope_theta)
         q = constrain(q, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
@@ -155,11 +160,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """GELU MLP (gpt2) or SwiGLU (llama)."""
 
-    def __init__(self, cfg, *, d_ff: int, stack: int, rngs: nnx.Rngs):
-        d = cfg.d_model
+    def __init__(self, cfg: ModelConfig, *, stack: int, rngs: nnx.Rngs):
+        d, d_ff = cfg.d_model, cfg.mlp_width
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        self.gated = cfg.family == "llama"
-        bias = cfg.bias and not self.gated
+        self.gated = cfg.is_llama
+        bias = cfg.has_bias
         self.up = make_param(rngs, (d, d_ff), (ax.EMBED, ax.MLP), stack, std=cfg.init_std)
         self.gate = make_param(rngs, (d, d_ff), (ax.EMBED, ax.MLP), stack, std=cfg.init_std) if self.gated else None
         self.down = make_param(rngs, (d_ff, d), (ax.MLP, ax.EMBED), stack, std=out_std)

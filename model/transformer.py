@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flaxpod.model import axes as ax
 from flaxpod.model.axes import constrain
+from flaxpod.model.config import ModelConfig
 from flaxpod.model.layers import MLP, Attention, Norm, attention_mask, dropout, make_param
 
 REMAT_POLICIES = {
@@ -15,24 +16,15 @@ REMAT_POLICIES = {
 }
 
 
-def mlp_width(cfg) -> int:
-    if cfg.d_ff:
-        return cfg.d_ff
-    if cfg.family == "gpt2":
-        return 4 * cfg.d_model
-    return 64 * -(-(8 * cfg.d_model // 3) // 64)  # Llama's 8/3 rule, rounded up to 64
-
-
 class Block(nnx.Module):
     """Pre-norm residual block. Built with `stack` layers; called on one layer's slice."""
 
-    def __init__(self, cfg, *, stack: int, rngs: nnx.Rngs):
-        rms, bias = cfg.family == "llama", cfg.bias and cfg.family == "gpt2"
+    def __init__(self, cfg: ModelConfig, *, stack: int, rngs: nnx.Rngs):
         self.dropout_rate = cfg.dropout
-        self.attn_norm = Norm(cfg.d_model, rms=rms, bias=bias, eps=cfg.norm_eps, stack=stack)
+        self.attn_norm = Norm(cfg.d_model, rms=cfg.is_llama, bias=cfg.has_bias, eps=cfg.norm_eps, stack=stack)
         self.attn = Attention(cfg, stack=stack, rngs=rngs)
-        self.mlp_norm = Norm(cfg.d_model, rms=rms, bias=bias, eps=cfg.norm_eps, stack=stack)
-        self.mlp = MLP(cfg, d_ff=mlp_width(cfg), stack=stack, rngs=rngs)
+        self.mlp_norm = Norm(cfg.d_model, rms=cfg.is_llama, bias=cfg.has_bias, eps=cfg.norm_eps, stack=stack)
+        self.mlp = MLP(cfg, stack=stack, rngs=rngs)
 
     def __call__(self, x, positions, mask, key: jax.Array | None) -> jax.Array:
         keys = jax.random.split(key, 3) if key is not None else (None, None, None)
@@ -50,30 +42,28 @@ class Transformer(nnx.Module):
     row; `positions` restart per document. Without them the row is one causal sequence.
     """
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
         self.cfg = cfg
         d = cfg.d_model
         self.embed = make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), 0, std=cfg.init_std)
         self.pos_embed = (
-            make_param(
-                rngs,
-                (cfg.max_seq_len or cfg.seq_len, d),
-                (ax.POSITION, ax.EMBED),
-                0,
-                std=cfg.init_std,
-            )
-            if cfg.family == "gpt2"
+            make_param(rngs, (cfg.max_len, d), (ax.POSITION, ax.EMBED), 0, std=cfg.init_std)
+            if cfg.learned_positions
             else None
         )
         self.blocks = Block(cfg, stack=cfg.n_layer, rngs=rngs)
-        rms, bias = cfg.family == "llama", cfg.bias and cfg.family == "gpt2"
-        self.final_norm = Norm(d, rms=rms, bias=bias, eps=cfg.norm_eps)
+        self.final_norm = Norm(d, rms=cfg.is_llama, bias=cfg.has_bias, eps=cfg.norm_eps)
         self.lm_head = (
             None
             if cfg.tie_embeddings
             else make_param(rngs, (d, cfg.vocab_size), (ax.EMBED, ax.VOCAB), 0, std=cfg.init_std)
+        )
+        # Sequence classification (finetuning): a linear map of the pooled final hidden state, without
+        # bias like Hugging Face's `score` layer of ...ForSequenceClassification, so it exports exactly.
+        self.cls_head = (
+            make_param(rngs, (d, cfg.num_labels), (ax.EMBED, None), 0, std=cfg.init_std) if cfg.num_labels else None
         )
 
     def __call__(
@@ -84,6 +74,36 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
+        x = self.hidden(tokens, segment_ids=segment_ids, positions=positions, dropout_key=dropout_key)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
+
+    def classify(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array,
+        positions: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Class logits [B, num_labels] (float32) of rows holding one example each; `segment_ids`
+        is 1 on the example's tokens and 0 on padding (tokens first, padding after)."""
+        if self.cls_head is None:
+            raise ValueError("model.num_labels is 0: this model has no classification head")
+        x = self.hidden(tokens, segment_ids=segment_ids, positions=positions, dropout_key=dropout_key)
+        pooled = pool(x.astype(jnp.float32), segment_ids > 0, self.cfg.pooling)
+        return pooled @ self.cls_head[...]
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final normalized hidden states [B, T, d_model] (compute dtype)."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         b, t = tokens.shape
@@ -97,10 +117,7 @@ class Transformer(nnx.Module):
         x = constrain(dropout(x, cfg.dropout, keys[0]).astype(dtype), (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
         mask = attention_mask(segment_ids, t)
         x = self.run_blocks(x, positions, mask, keys[1])
-        x = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
+        return self.final_norm(x)
 
     def run_blocks(self, x, positions, mask, key: jax.Array | None) -> jax.Array:
         cfg = self.cfg
@@ -120,6 +137,20 @@ class Transformer(nnx.Module):
             params_i = jax.tree.map(lambda a, i=i: a[i], stacked)
             x, _ = body(x, (params_i, None if layer_keys is None else layer_keys[i]))
         return x
+
+
+def pool(x: jax.Array, valid: jax.Array, how: str) -> jax.Array:
+    """[B, T, d] -> [B, d] over each row's valid positions: `last` (the last valid token, which a
+    causal model's attention lets see the whole example), `mean`, or `first`."""
+    if how == "last":
+        last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
+        return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    if how == "mean":
+        w = valid.astype(x.dtype)[..., None]
+        return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+    if how == "first":
+        return x[:, 0]
+    raise ValueError(f"model.pooling: expected last, mean or first, got {how!r}")
 
 
 def count_params(params, *, exclude_embeddings: bool = False) -> int:

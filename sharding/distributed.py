@@ -8,8 +8,16 @@ JAX devices (``jax.devices()``, creating arrays, building a mesh). It reads:
 ``FLAXPOD_COORDINATOR_ADDRESS``  ``host:port`` of rank 0, reachable from every process
 ``FLAXPOD_AUTO_DISTRIBUTED``     ``1``: let JAX detect the cluster (used when the three above
                                  are unset)
+``FLAXPOD_HEARTBEAT_TIMEOUT_S``  seconds after which a silent peer counts as dead and every
+                                 survivor aborts (default 100, JAX's own)
 
 With none of them set the job runs as one process and nothing happens.
+
+A dead peer (killed, its host lost) never makes the others hang forever: they are blocked in a
+collective that will not complete, but JAX's coordination service stops hearing the peer's
+heartbeats and, ``FLAXPOD_HEARTBEAT_TIMEOUT_S`` seconds later, aborts every surviving process
+(SIGABRT, exit status 134). Under ``flaxpod launch`` the launcher stops the survivors sooner (its
+``--grace-period``).
 
 Running on one machine (CPU, Gloo collectives), e.g. 2 processes x 4 fake devices::
 
@@ -36,6 +44,7 @@ NUM_PROCESSES_ENV = "FLAXPOD_NUM_PROCESSES"
 PROCESS_ID_ENV = "FLAXPOD_PROCESS_ID"
 COORDINATOR_ADDRESS_ENV = "FLAXPOD_COORDINATOR_ADDRESS"
 AUTO_DISTRIBUTED_ENV = "FLAXPOD_AUTO_DISTRIBUTED"
+HEARTBEAT_TIMEOUT_ENV = "FLAXPOD_HEARTBEAT_TIMEOUT_S"
 
 
 def initialize_from_env() -> None:
@@ -46,14 +55,18 @@ def initialize_from_env() -> None:
     """
     if jax.distributed.is_initialized():
         return
+    # Passed only when set, so that JAX's default (100 s) stays the default.
+    heartbeat = _read_int(HEARTBEAT_TIMEOUT_ENV, minimum=1)
+    timeouts = {} if heartbeat is None else {"heartbeat_timeout_seconds": heartbeat}
     num_processes = _read_int(NUM_PROCESSES_ENV, minimum=1)
     if num_processes is None:
         for name in (PROCESS_ID_ENV, COORDINATOR_ADDRESS_ENV):
             if os.environ.get(name, "").strip():
                 raise ValueError(f"{name} is set but {NUM_PROCESSES_ENV} is not")
         if _read_auto_flag():
-            # No arguments: JAX detects TPU pods, SLURM, Open MPI, ... by itself.
-            jax.distributed.initialize()
+            # No addresses or ranks: JAX detects TPU pods, SLURM, Open MPI, ... by itself.
+            _use_gloo_for_cpu_collectives()
+            jax.distributed.initialize(**timeouts)
         return
     if num_processes == 1:
         return
@@ -62,7 +75,12 @@ def initialize_from_env() -> None:
         raise ValueError(f"{PROCESS_ID_ENV}={process_id} must be below {NUM_PROCESSES_ENV}={num_processes}")
     address = _read_address(COORDINATOR_ADDRESS_ENV)
     _use_gloo_for_cpu_collectives()
-    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=num_processes,
+        process_id=process_id,
+        **timeouts,
+    )
 
 
 def is_main_process() -> bool:

@@ -11,7 +11,10 @@ streamed line by line, prefixed ``[p0] ``, ``[p1] ``, ... If one child fails, th
 stopped (SIGTERM, then SIGKILL after ``--grace-period`` seconds) and its exit code is
 returned; SIGINT/SIGTERM sent to the launcher are forwarded to the children.
 
-For real pods, see :mod:`sharding.distributed`: no launcher is needed there.
+With ``--target tpu-vm|gke|slurm`` it instead writes or prints the files that start a run on a pod
+(a TPU VM script, a GKE JobSet, an sbatch script), checked against the run's config: see
+:mod:`flaxpod.sharding.targets.cli`. On a pod no local launcher runs: each host's process joins the
+job through :mod:`flaxpod.sharding.distributed`.
 """
 
 import argparse
@@ -49,7 +52,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         usage=f"{PROG} --num-processes N [--devices-per-process K] [--port P] [--grace-period S] -- COMMAND [ARGS...]",
-        description="Run COMMAND as N JAX processes on 127.0.0.1.",
+        description="Run COMMAND as N JAX processes on 127.0.0.1. "
+        "For pods: flaxpod launch --target {tpu-vm,gke,slurm} --help.",
     )
     parser.add_argument("--num-processes", type=int, required=True, metavar="N")
     parser.add_argument(
@@ -253,6 +257,12 @@ class _Supervisor:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``flaxpod launch``; ``argv`` excludes the ``launch`` word itself."""
     argv = sys.argv[1:] if argv is None else argv
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    if any(word == "--target" or word.startswith("--target=") for word in options):
+        # Pod targets read train's config: imported only when asked for.
+        from flaxpod.sharding.targets.cli import main as pod_main
+
+        return pod_main(argv)
     try:
         args, command = _parse(argv)
     except UsageError as err:

@@ -107,4 +107,4 @@ def test_progress_line(monkeypatch):
     out = io.StringIO()
     bar = progress.Progress("prepare", 10_000_000, stream=out, log_every=0)
     bar.update(3, 4_000_000)  # 4 MB in 2 s: 2 MB/s, 6 MB left: 3 s
-    assert out.getvalue() == "prepare: 3 docs | 4.0/10.0 MB (40%) | 2.00 MB/s | ETA 0:00:03\n"
+    assert out.getvalue() == "prepare: 3 docs | 4.0/10.0 MB (40%) | 2.00 MB/s | ETA 0m03s\n"

@@ -229,7 +229,7 @@ def test_unsupported_inputs_are_refused(tmp_path, tokenizers):
 
 
 def test_plain_safetensors_and_bfloat16_export(tokenizers, tmp_path):
-    from flaxpod.model.hf_weights import flatten
+    from flax.traverse_util import flatten_dict
     from safetensors.numpy import load_file
 
     tok = tokenizers["char"]
@@ -242,7 +242,7 @@ def test_plain_safetensors_and_bfloat16_export(tokenizers, tmp_path):
 
     run_export(tmp_path / "run", tmp_path / "plain", fmt="safetensors")
     loaded = load_file(str(tmp_path / "plain" / "model.safetensors"))
-    expected = flatten(params)
+    expected = flatten_dict(params, sep="/")
     assert sorted(loaded) == sorted(expected) and "blocks/attn/q" in loaded
     for name, value in expected.items():
         np.testing.assert_array_equal(loaded[name], value)

@@ -52,7 +52,7 @@ def test_shapes_and_parameter_count(family):
     graphdef, params = build(cfg)
     logits = logits_fn(cfg, graphdef)(params, TOKENS)
     assert logits.shape == (2, 16, 64) and logits.dtype == jnp.float32
-    d, f, v, n = 32, (4 * 32 if family == "gpt2" else 128), 64, 2
+    d, f, v, n = 32, (4 * 32 if family == "gpt2" else 128), 64, 2  # llama: int(8/3*32) = 85, rounded up to 128
     if family == "gpt2":  # q,k,v,o with biases; LayerNorms with bias; learned positions; tied head
         per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
         expected = n * per_layer + v * d + 16 * d + 2 * d

@@ -14,7 +14,15 @@ from flaxpod.train.state import make_layout
 from flaxpod.train.trainer import Trainer
 
 CFG = ModelConfig(
-    family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=16, vocab_size=128, tie_embeddings=False
+    family="llama",
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    d_model=32,
+    d_ff=128,  # the shard-shape check below assumes it
+    seq_len=16,
+    vocab_size=128,
+    tie_embeddings=False,
 )
 RNG = np.random.default_rng(0)
 BATCHES = [

@@ -40,7 +40,7 @@ def bench(config: str, overrides: list[str], *, saves: int, steps: int) -> dict[
     cfg = load_config(config, overrides)
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = 4096  # no tokenizer here: the size a small SentencePiece model has
-    cfg.model.max_seq_len = cfg.model.max_seq_len or cfg.model.seq_len
+    cfg.model.max_seq_len = cfg.model.max_len
     trainer = Trainer.from_config(cfg)
     step_fn, layout = trainer.step, trainer.layout
     tokens = np.random.default_rng(0).integers(

@@ -21,7 +21,7 @@ from flax import nnx
 
 
 def _random_run(family: str, d_model: int, layers: int, max_len: int, vocab: int):
-    from flaxpod.train.config import ModelConfig
+    from flaxpod.model.config import ModelConfig
     from flaxpod.train.state import abstract_model
 
     n_head = max(1, d_model // 64)

@@ -53,7 +53,7 @@ def bench_config(path: str, overrides: list[str], vocab: int) -> Config:
     if m.vocab_size and vocab > m.vocab_size:
         raise ConfigError(f"--vocab: {vocab} token ids do not fit model.vocab_size={m.vocab_size}")
     rows = m.vocab_size or -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    model = dataclasses.replace(m, vocab_size=rows, max_seq_len=m.max_seq_len or m.seq_len)
+    model = dataclasses.replace(m, vocab_size=rows, max_seq_len=m.max_len)
     from tools.torch_reference import check_supported
 
     check_supported(model)

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flaxpod.model.transformer import mlp_width
-from flaxpod.train.config import ModelConfig, OptimConfig
+from flaxpod.model.config import ModelConfig
+from flaxpod.train.config import OptimConfig
 from torch import nn
 
 
@@ -32,13 +32,13 @@ class RMSNorm(nn.Module):
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.family == "llama":
+    if cfg.is_llama:
         return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.has_bias)
 
 
 def _rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    half = cfg.d_model // cfg.n_head // 2
+    half = cfg.head_dim // 2
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(half, dtype=torch.float32) / half))
     angles = torch.arange(length, dtype=torch.float32)[:, None] * freqs  # [T, half]
     return torch.cos(angles), torch.sin(angles)
@@ -53,16 +53,15 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class TorchBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, h = cfg.d_model, cfg.n_head
-        kv, hd = cfg.n_kv_head or h, d // h
-        bias = cfg.bias and cfg.family == "gpt2"
+        d, h, kv, hd = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
+        bias = cfg.has_bias
         self.n_head, self.n_kv, self.head_dim = h, kv, hd
         self.attn_norm = _norm(cfg)
         self.qkv = nn.Linear(d, (h + 2 * kv) * hd, bias=bias)
         self.o = nn.Linear(h * hd, d, bias=bias)
         self.mlp_norm = _norm(cfg)
-        f = mlp_width(cfg)
-        self.gated = cfg.family == "llama"
+        f = cfg.mlp_width
+        self.gated = cfg.is_llama
         self.up = nn.Linear(d, f, bias=bias)
         self.gate = nn.Linear(d, f, bias=False) if self.gated else None
         self.down = nn.Linear(f, d, bias=bias)
@@ -97,14 +96,14 @@ class TorchTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len or cfg.seq_len, cfg.d_model) if cfg.family == "gpt2" else None
+        self.pos_embed = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.learned_positions else None
         self.blocks = nn.ModuleList(TorchBlock(cfg) for _ in range(cfg.n_layer))
         self.final_norm = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        if cfg.family == "llama":
-            cos, sin = _rope_tables(cfg, cfg.max_seq_len or cfg.seq_len)
+        if cfg.is_llama:
+            cos, sin = _rope_tables(cfg, cfg.max_len)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 

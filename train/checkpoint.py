@@ -167,6 +167,7 @@ class Checkpointer:
         self.directory = checkpoints_dir(run_dir)
         self.keep, self.keep_every, self.run_info = keep, keep_every, run_info or {}
         self.async_save = async_save
+        self.protected: set[int] = set()  # kept whatever the retention policy (the best step of a finetuning run)
         self._writer = ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
         self._committer: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -224,6 +225,8 @@ class Checkpointer:
         # requests per save on cloud storage; damaged steps are found when a run resumes.
         committed = [s for s, d in step_dirs(self.directory).items() if (d / COMMIT_FILE).exists()]
         for old in steps_to_delete(committed, self.keep, self.keep_every):
+            if old in self.protected:
+                continue
             shutil.rmtree(self.directory / str(old), ignore_errors=True)
 
     def _finish_pending(self) -> None:

@@ -12,6 +12,7 @@ from flaxpod.model.errors import FlaxpodError
 
 SUBCOMMANDS = {
     "pretrain": ("flaxpod.train.pretrain", "main", "pretrain a model from a YAML config"),
+    "finetune": ("flaxpod.train.finetune", "main", "finetune a pretrained run on a task (sft, classify)"),
     "prepare": ("flaxpod.data.prepare", "main", "tokenize text into ArrayRecord shards for training"),
     "tokenizer": ("flaxpod.data.prepare", "tokenizer_main", "train a SentencePiece tokenizer on text"),
     "evaluate": (
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
         "loss, perplexity, bits per byte and multiple-choice accuracy of a checkpoint",
     ),
     "generate": ("flaxpod.train.generate", "main", "sample text from a checkpoint (KV-cache decoding)"),
+    "predict": ("flaxpod.train.predict", "main", "labels and probabilities of texts from a classification run"),
     "export": ("flaxpod.train.export", "main", "write a checkpoint as a Hugging Face model directory or safetensors"),
     "import-hf": ("flaxpod.train.import_hf", "main", "turn a Hugging Face GPT-2/Llama directory into a run directory"),
     "plan": ("flaxpod.train.plan", "main", "compile a config for a TPU slice or GPU hosts and check that it fits"),

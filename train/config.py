@@ -15,65 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from flaxpod.model.config import ModelConfig
 from flaxpod.model.errors import ConfigError
 
-__all__ = ["ConfigError"]  # re-exported: config code raises it
-
-
-@dataclass
-class ModelConfig:
-    family: str = "gpt2"
-    """`gpt2` (LayerNorm, learned positions, GELU, tied head) or `llama` (RMSNorm, RoPE, SwiGLU, GQA)."""
-    n_layer: int = 4
-    """Number of transformer blocks (scanned, so compile time does not grow with depth)."""
-    n_head: int = 4
-    """Attention (query) heads."""
-    n_kv_head: int = 0
-    """Key/value heads for grouped-query attention; 0 means equal to n_head."""
-    d_model: int = 128
-    """Residual stream width."""
-    d_ff: int = 0
-    """MLP hidden width; 0 means 4*d_model for gpt2 and the Llama rule (8/3*d_model rounded up to 256) for llama."""
-    seq_len: int = 256
-    """Training context length; must not exceed max_seq_len."""
-    max_seq_len: int = 0
-    """Longest context the model supports (size of learned positions); 0 means seq_len."""
-    vocab_size: int = 0
-    """Embedding rows; 0 means the tokenizer's vocabulary rounded up to a multiple of 64. Must be >= the tokenizer's."""
-    bias: bool = True
-    """Biases in linear layers and LayerNorm (gpt2 family only; llama has none)."""
-    tie_embeddings: bool = True
-    """Share the token embedding with the output head."""
-    dropout: float = 0.0
-    """Dropout rate on attention probabilities, residual branches and embeddings."""
-    rope_theta: float = 10000.0
-    """RoPE base frequency (llama family)."""
-    norm_eps: float = 1e-5
-    """Epsilon of LayerNorm / RMSNorm."""
-    dtype: str = "float32"
-    """Compute dtype (`float32` or `bfloat16`); parameters stay float32."""
-    attention: str = "einsum"
-    """Attention kernel: `einsum` (plain XLA, fastest on CPU) or `fused` (jax.nn.dot_product_attention)."""
-    attention_impl: str = "xla"
-    """Implementation for `fused` attention: `xla` or `cudnn` (GPU)."""
-    remat: str = "none"
-    """Rematerialization of each block in the backward pass: `none`, `full`, or `dots` (save matmul outputs)."""
-    scan_layers: bool = True
-    """Run the blocks with lax.scan over stacked parameters (fast compile) instead of a Python loop."""
-    init_std: float = 0.02
-    """Standard deviation of weight initialization (output projections are scaled by 1/sqrt(2*n_layer))."""
+__all__ = ["ConfigError", "ModelConfig"]  # re-exported: config code raises it; Config holds a ModelConfig
 
 
 @dataclass
 class TokenizerConfig:
     kind: str = "sentencepiece"
-    """`char` (nanoGPT's character tokenizer) or `sentencepiece` (trained in-process if the run has none)."""
+    """`char` (nanoGPT's character tokenizer), `sentencepiece`, or `huggingface` (any tokenizer.json via the
+    `tokenizers` library; trained in-process as a byte-level BPE if the run has none and no `path`)."""
     vocab_size: int = 4096
-    """SentencePiece vocabulary size when training one."""
+    """Vocabulary size when training a SentencePiece or byte-level BPE tokenizer."""
     model_type: str = "bpe"
     """SentencePiece model type: `bpe` or `unigram`."""
     path: str = ""
-    """Existing tokenizer directory (with tokenizer.model or tokenizer.json) to use instead of training."""
+    """Existing tokenizer to use instead of training: a flaxpod tokenizer directory, a Hugging Face model
+    directory or tokenizer.json, or a SentencePiece .model file."""
 
 
 @dataclass
@@ -91,6 +50,26 @@ class DataConfig:
     """Read at most this many bytes of text (0: all); keeps quick runs quick."""
     weights: list[float] = field(default_factory=list)
     """Mixture weights when `path` lists several prepared datasets (comma-separated); empty means equal."""
+    val_path: str = ""
+    """Finetuning: the validation file (same format as `path`); empty holds out `val_fraction` of `path`'s examples."""
+    text_field: str = "text"
+    """Finetuning, classify: the column (CSV/TSV) or field (JSONL) holding the text."""
+    label_field: str = "label"
+    """Finetuning, classify: the column or field holding the label."""
+    prompt_field: str = "prompt"
+    """Finetuning, sft: the JSONL field holding the prompt (e.g. `instruction`, `question`)."""
+    response_field: str = "response"
+    """Finetuning, sft: the field holding the response; a list of {input, output} instances is expanded."""
+    messages_field: str = "messages"
+    """Finetuning, sft: the field holding a chat, a list of {role, content} (roles system, user, assistant)."""
+    prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    """Finetuning, sft: how a prompt is rendered before its response ({prompt} is replaced)."""
+    system_template: str = "<|system|>\n{content}\n"
+    """Finetuning, sft: rendering of a chat's system message."""
+    user_template: str = "<|user|>\n{content}\n"
+    """Finetuning, sft: rendering of a chat's user message."""
+    assistant_template: str = "<|assistant|>\n{content}\n"
+    """Finetuning, sft: rendering of an assistant message; only {content} and the EOS after it carry loss."""
 
 
 @dataclass
@@ -101,6 +80,11 @@ class MeshConfig:
     """Fully-sharded data-parallel axis size (parameters and optimizer state sharded, batch split)."""
     tensor: int = 1
     """Tensor-parallel axis size (heads and MLP columns split)."""
+    dcn_data: int = 1
+    """Several TPU slices or GPU nodes: how many of the `data` axis's ways go across slices/nodes (the slow
+    data-center network); must divide the data size. The rest of the mesh stays inside a slice (ICI/NVLink)."""
+    dcn_fsdp: int = 1
+    """Like dcn_data for the `fsdp` axis; slices/nodes = dcn_data * dcn_fsdp (1 * 1: a single slice or node)."""
     rules: str = "fsdp_tp"
     """Logical-axis rule preset: `dp`, `fsdp`, or `fsdp_tp` (see sharding/rules.py)."""
     rule_overrides: dict[str, Any] = field(default_factory=dict)
@@ -178,6 +162,29 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    task: str = "sft"
+    """`sft` (instruction/chat tuning, loss on responses only), `classify` (sequence classification head), or
+    `lm` (continued pretraining on data.path's text or prepared datasets, loss on every token)."""
+    base: str = ""
+    """Run directory of the model to start from: a flaxpod pretraining run or an `import-hf` directory."""
+    base_step: int = -1
+    """Checkpoint step of the base; -1 means its newest usable one (the resolved step is saved in config.yaml)."""
+    init: str = "pretrained"
+    """`pretrained` (the base's weights) or `random` (the base's architecture and tokenizer, fresh weights)."""
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multiplier per parameter group (`embed`, `blocks`, `head`, `task_head`), e.g. {embed: 0.1}."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter groups that do not train (no optimizer state), e.g. [embed] or embed,blocks."""
+    class_weights: bool = False
+    """Classify: weight the loss by inverse class frequency of the training labels (sklearn's `balanced`)."""
+    early_stop_metric: str = ""
+    """Validation metric to keep the best step by and stop on (e.g. `val_macro_f1`, `val_loss`); empty: none."""
+    patience: int = 0
+    """Evaluations without improvement of early_stop_metric before training stops; 0 never stops early."""
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     """Output directory: config.yaml, tokenizer, checkpoints/, tensorboard/, metrics.jsonl. Re-running resumes."""
@@ -191,29 +198,23 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         validate(self)
 
 
 CHOICES = {
-    "model.family": ("gpt2", "llama"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.attention": ("einsum", "fused"),
-    "model.attention_impl": ("xla", "cudnn"),
-    "model.remat": ("none", "full", "dots"),
-    "tokenizer.kind": ("char", "sentencepiece"),
+    "tokenizer.kind": ("char", "sentencepiece", "huggingface"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "train.nonfinite": ("skip", "stop"),
+    "finetune.task": ("sft", "classify", "lm"),
+    "finetune.init": ("pretrained", "random"),
 }
 
 POSITIVE = (
-    "model.n_layer",
-    "model.n_head",
-    "model.d_model",
-    "model.seq_len",
     "data.batch_size",
     "train.steps",
     "train.log_every",
@@ -233,23 +234,14 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Single-config checks (devices and tokenizer are checked later, when they are known)."""
+    """Single-config checks (devices and tokenizer are checked later, when they are known); the model's own
+    checks ran in ModelConfig.__post_init__."""
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {_get(cfg, key)!r}")
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)!r}")
-    m = cfg.model
-    kv = m.n_kv_head or m.n_head
-    if m.d_model % m.n_head:
-        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}")
-    if m.n_head % kv:
-        raise ConfigError(f"model.n_kv_head: {kv} does not divide model.n_head={m.n_head}")
-    if m.max_seq_len and m.seq_len > m.max_seq_len:
-        raise ConfigError(f"model.seq_len: {m.seq_len} exceeds the model's maximum model.max_seq_len={m.max_seq_len}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout: expected a rate in [0, 1), got {m.dropout}")
     for key in ("checkpoint.every", "checkpoint.every_minutes", "checkpoint.keep_every"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
@@ -259,17 +251,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}"
         )
-    mesh = cfg.mesh
+    m, mesh = cfg.model, cfg.mesh
     sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
     if sum(v == -1 for v in sizes.values()) > 1:
         raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
     for key, v in sizes.items():
         if v == 0 or v < -1:
             raise ConfigError(f"{key}: expected a positive size or -1, got {v}")
+    for key, size, dcn in (("mesh.dcn_data", mesh.data, mesh.dcn_data), ("mesh.dcn_fsdp", mesh.fsdp, mesh.dcn_fsdp)):
+        if dcn < 1:
+            raise ConfigError(f"{key}: expected a positive number of slices/nodes, got {dcn}")
+        if size > 0 and size % dcn:
+            raise ConfigError(f"{key}: {dcn} does not divide {key.replace('dcn_', '')}={size}")
     if mesh.tensor > 0 and m.n_head % mesh.tensor:
         raise ConfigError(f"model.n_head: {m.n_head} is not divisible by mesh.tensor={mesh.tensor}")
-    if mesh.tensor > 0 and kv % mesh.tensor:
-        raise ConfigError(f"model.n_kv_head: {kv} is not divisible by mesh.tensor={mesh.tensor}")
+    if mesh.tensor > 0 and m.kv_heads % mesh.tensor:
+        raise ConfigError(f"model.n_kv_head: {m.kv_heads} is not divisible by mesh.tensor={mesh.tensor}")
 
 
 def resolve_mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
@@ -291,6 +288,10 @@ def resolve_mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, i
             f"mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = "
             f"{sizes[0] * sizes[1] * sizes[2]} does not match the {device_count} devices"
         )
+    for key, size, dcn in (("mesh.dcn_data", sizes[0], mesh.dcn_data), ("mesh.dcn_fsdp", sizes[1], mesh.dcn_fsdp)):
+        if size % dcn:
+            axis = key.replace("dcn_", "")
+            raise ConfigError(f"{key}: {dcn} does not divide {axis}={size} on {device_count} devices")
     return sizes[0], sizes[1], sizes[2]
 
 
@@ -319,6 +320,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Checks a YAML value against a field's annotation; ints are accepted where floats are expected."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -394,6 +400,23 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Reads a YAML config (yaml.safe_load only), applies `key.sub=value` overrides, validates."""
+    return _build(Config, load_raw(path, overrides))
+
+
+def explicit_keys(path: str | Path | None, overrides: list[str] = ()) -> set[str]:
+    """The dotted keys a YAML config and its overrides set explicitly (finetuning refuses explicit
+    changes to the base model's shape, whatever the defaults are)."""
+    keys = set()
+    for key, value in load_raw(path, overrides).items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(_field_types(Config).get(key)):
+            keys |= {f"{key}.{sub}" for sub in value}
+        else:
+            keys.add(str(key))
+    return keys
+
+
+def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The nested dict of a YAML config with its overrides applied, not yet checked."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -409,7 +432,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
-    return _build(Config, raw)
+    return raw
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -445,7 +468,9 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
             rows += field_docs(annotation, f"{prefix}{name}.")
             continue
         type_name = getattr(annotation, "__name__", str(annotation))
-        if isinstance(annotation, types.GenericAlias):
+        if typing.get_origin(annotation) is typing.Literal:
+            type_name = "one of " + ", ".join(map(str, typing.get_args(annotation)))
+        elif isinstance(annotation, types.GenericAlias):
             type_name = str(annotation)
         rows.append((prefix + name, type_name, getattr(defaults, name), docs.get(name, "")))
     return rows

@@ -16,7 +16,8 @@ import numpy as np
 from flaxpod.data.pipeline import make_eval_batches, make_train_iterator, split_tokens, tokenize_corpus
 from flaxpod.data.prepared import load_dataset_metadata, make_packed_eval_batches, make_packed_train_iterator
 from flaxpod.data.text import read_corpus, resolve_text_paths
-from flaxpod.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_char_tokenizer, train_sentencepiece
+from flaxpod.data.tokenizer import Tokenizer, load_tokenizer
+from flaxpod.data.tokenizer_training import saved_or_given_tokenizer, train_tokenizer_on_texts
 from flaxpod.train.config import Config, ConfigError
 
 
@@ -36,20 +37,8 @@ def is_prepared(paths: list[str]) -> bool:
     return bool(paths) and all((Path(p) / "metadata.json").is_file() for p in paths)
 
 
-def existing_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer | None:
-    """The run's own tokenizer (resume) or the configured one; None if it must be trained."""
-    if has_tokenizer(run_dir / "tokenizer"):
-        return load_tokenizer(run_dir / "tokenizer")
-    if cfg.tokenizer.path:
-        return load_tokenizer(cfg.tokenizer.path)
-    return None
-
-
-def train_tokenizer(cfg: Config, documents: list[str]) -> Tokenizer:
-    """Trains the configured tokenizer in memory; the loop saves it with the run."""
-    if cfg.tokenizer.kind == "char":
-        return train_char_tokenizer("".join(documents))
-    return train_sentencepiece(documents, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type)
+def _saved_or_configured_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer | None:
+    return saved_or_given_tokenizer(run_dir / "tokenizer", cfg.tokenizer.path, "tokenizer.path")
 
 
 def load_run_data(cfg: Config, run_dir: Path) -> RunData:
@@ -74,7 +63,10 @@ def _text_data(cfg: Config, run_dir: Path, paths: list[str]) -> RunData:
     corpus = read_corpus(resolve_text_paths(paths))
     if cfg.data.max_bytes:
         corpus.documents = truncate_documents(corpus.documents, cfg.data.max_bytes)
-    tokenizer = existing_tokenizer(cfg, run_dir) or train_tokenizer(cfg, corpus.documents)
+    # A tokenizer trained here is saved with the run by the loop.
+    tokenizer = _saved_or_configured_tokenizer(cfg, run_dir) or train_tokenizer_on_texts(
+        cfg.tokenizer.kind, corpus.documents, vocab_size=cfg.tokenizer.vocab_size, model_type=cfg.tokenizer.model_type
+    )
     tokens = tokenize_corpus(corpus, tokenizer)
     train_tokens, val_tokens = split_tokens(
         tokens, cfg.data.val_fraction, seq_len=cfg.model.seq_len, data_path=cfg.data.path
@@ -99,7 +91,7 @@ def _prepared_data(cfg: Config, run_dir: Path, paths: list[str]) -> RunData:
     if cfg.data.weights and len(cfg.data.weights) != len(paths):
         raise ConfigError(f"data.weights: {len(cfg.data.weights)} weights for {len(paths)} datasets in data.path")
     # A prepared dataset carries the tokenizer its ids were made with.
-    tokenizer = existing_tokenizer(cfg, run_dir) or load_tokenizer(Path(paths[0]) / "tokenizer")
+    tokenizer = _saved_or_configured_tokenizer(cfg, run_dir) or load_tokenizer(Path(paths[0]) / "tokenizer")
     rows = _split_rows(cfg)
     train_iter = make_packed_train_iterator(
         paths, cfg.data.weights or None, seed=cfg.seed, tokenizer_fingerprint=tokenizer.fingerprint(), **rows

@@ -20,21 +20,11 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from flaxpod.data.classify import LABELS_FILE, load_labels
+from flaxpod.data.prepare import parse_size
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1024' -> bytes."""
-    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "B": 1}
-    upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(upper[: -len(unit)]) * factor)
-    if upper.isdigit():
-        return int(upper)
-    raise ValueError(f"--max-shard-size: expected a size such as 5GB or 500MB, got {text!r}")
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: int) -> list[str]:
@@ -70,10 +60,37 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+SEQUENCE_CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+
+
+def classifier_head(tensors: dict, config: dict, params: dict, cfg, labels: list[str]) -> None:
+    """Turns a causal-LM export into Hugging Face's ...ForSequenceClassification: `score.weight` is our
+    bias-free head, and transformers pools the last non-padding token as `model.pooling=last` does
+    (our rows append EOS before pooling when the tokenizer has one: feed transformers the same ids)."""
+    if cfg.model.pooling != "last":
+        raise ValueError(
+            f"model.pooling={cfg.model.pooling!r}: transformers' sequence classifiers pool the last token; "
+            f"export this run with --format safetensors"
+        )
+    tensors.pop("lm_head.weight", None)
+    tensors["score.weight"] = np.ascontiguousarray(np.asarray(params["cls_head"], np.float32).T)
+    config["architectures"] = [SEQUENCE_CLASSIFIERS[cfg.model.family]]
+    config["id2label"] = dict(enumerate(labels))
+    config["label2id"] = {label: i for i, label in enumerate(labels)}
+
+
 def export_hf(
-    params: dict, cfg, tokenizer, out: Path, *, dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    params: dict,
+    cfg,
+    tokenizer,
+    out: Path,
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    labels: list[str] | None = None,
 ) -> list[str]:
-    """Writes a Hugging Face model directory for host (numpy) `params`; returns the files written."""
+    """Writes a Hugging Face model directory for host (numpy) `params` (a classification run, with its
+    `labels`, as ...ForSequenceClassification); returns the files written."""
     from flaxpod.data.hf_tokenizer import write_hf_tokenizer
     from flaxpod.model.hf_weights import check_exportable, hf_config, to_hf
 
@@ -82,29 +99,37 @@ def export_hf(
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size={m.vocab_size}")
     _prepare_out(out)
-    tensors = {k: v.astype(DTYPES[dtype]) for k, v in to_hf(params, m).items()}
+    tensors = to_hf(params, m)
     eos, bos, pad = tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id
     config = hf_config(m, bos_id=bos, eos_id=eos, pad_id=pad, dtype=dtype)
+    if m.num_labels:
+        classifier_head(tensors, config, params, cfg, labels or [str(i) for i in range(m.num_labels)])
+    tensors = {k: v.astype(DTYPES[dtype]) for k, v in tensors.items()}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     files = ["config.json", "generation_config.json"]
     files += save_safetensors(tensors, out, max_shard_bytes)
-    files += write_hf_tokenizer(tokenizer, out, m.max_seq_len or m.seq_len)
+    files += write_hf_tokenizer(tokenizer, out, m.max_len)
     return files
 
 
 def export_plain(params: dict, run_dir: Path, out: Path, *, dtype: str = "float32") -> list[str]:
     """Our parameter tree as one safetensors file, with the run's config and tokenizer."""
-    from flaxpod.model.hf_weights import flatten
+    from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
 
     _prepare_out(out)
-    tensors = {k: v.astype(DTYPES[dtype]) for k, v in flatten(params).items()}
+    flat = flatten_dict(params, sep="/")  # names like blocks/attn/q
+    tensors = {k: np.ascontiguousarray(np.asarray(v).astype(DTYPES[dtype])) for k, v in flat.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "flaxpod"})
     shutil.copy(run_dir / "config.yaml", out / "config.yaml")
     shutil.copytree(run_dir / "tokenizer", out / "tokenizer")
-    return ["model.safetensors", "config.yaml", "tokenizer/"]
+    files = ["model.safetensors", "config.yaml", "tokenizer/"]
+    if (run_dir / LABELS_FILE).is_file():  # a classification run: the head's classes, in order
+        shutil.copy(run_dir / LABELS_FILE, out / LABELS_FILE)
+        files.append(LABELS_FILE)
+    return files
 
 
 def run_export(
@@ -127,7 +152,10 @@ def run_export(
     params = host_params(run.params)
     out = Path(out)
     if fmt == "hf":
-        files = export_hf(params, run.cfg, run.tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        labels = load_labels(Path(run_dir) / LABELS_FILE) if run.cfg.model.num_labels else None
+        files = export_hf(
+            params, run.cfg, run.tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes, labels=labels
+        )
     else:
         files = export_plain(params, Path(run_dir), out, dtype=dtype)
     print(f"exported step {run.step} of {run_dir} ({run.cfg.model.family}, {dtype}) to {out}: {', '.join(files)}")
@@ -141,21 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="hf", choices=["hf", "safetensors"])
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (hf format)")
+    shard_help = "largest safetensors file, e.g. 5GB (hf format)"
+    parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help=shard_help)
     args = parser.parse_args(argv)
 
     from flaxpod.train.cli import run_guarded
 
-    return run_guarded(
-        lambda: run_export(
-            args.run_dir,
-            args.out,
-            fmt=args.format,
-            dtype=args.dtype,
-            step=args.step,
-            max_shard_bytes=parse_size(args.max_shard_size),
-        )
-    )
+    options = {"fmt": args.format, "dtype": args.dtype, "step": args.step, "max_shard_bytes": args.max_shard_size}
+    return run_guarded(lambda: run_export(args.run_dir, args.out, **options))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,22 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     return out
 
 
-def generate_texts(
+def generate_texts(run, prompts: list[str], **options) -> list[str]:
+    """Continuations of `prompts` from a loaded run (train.run_dir.load_run); `options` as `generate_ids`'s."""
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        try:
+            encoded.append(run.tokenizer.encode_for_model(prompt))  # BOS as transformers adds it
+        except ValueError as e:
+            raise ValueError(f"prompt {i + 1}: {e}") from None
+    outputs = generate_ids(run, encoded, **options)
+    # Decoded after the prompt's ids, whole characters only (a byte-level BPE can stop mid-character).
+    return ["".join(run.tokenizer.decode_stream(p, ids)) for p, ids in zip(encoded, outputs, strict=True)]
+
+
+def generate_ids(
     run,
-    prompts: list[str],
+    encoded: list[list[int]],
     *,
     max_new_tokens: int = 100,
     temperature: float = 0.0,
@@ -38,23 +51,17 @@ def generate_texts(
     seed: int = 0,
     batch_size: int = 16,
     use_cache: bool = True,
-) -> list[str]:
-    """Continuations of `prompts` from a loaded run (train.run_dir.load_run)."""
+) -> list[list[int]]:
+    """New token ids after each encoded prompt (ending at EOS, which is not included, or the limit)."""
     import jax
     import numpy as np
     from flaxpod.model.decode import Sampling, check_lengths, left_pad, make_generate
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     tok = run.tokenizer
-    encoded = []
-    for i, prompt in enumerate(prompts):
-        try:
-            encoded.append(tok.encode(prompt))
-        except ValueError as e:
-            raise ValueError(f"prompt {i + 1}: {e}") from None
     key = jax.random.key(seed)
     fns: dict[int, object] = {}
-    texts: list[str] = []
+    outputs: list[list[int]] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         tokens, lengths = left_pad(chunk, pad_id=tok.pad_id or 0)
@@ -70,8 +77,8 @@ def generate_texts(
             )
         out, counts = fns[max_new_tokens](run.params, tokens, lengths, jax.random.fold_in(key, start))
         out, counts = np.asarray(out), np.asarray(counts)
-        texts += [tok.decode(out[i, : counts[i]].tolist()) for i in range(len(chunk))]
-    return texts
+        outputs += [out[i, : counts[i]].tolist() for i in range(len(chunk))]
+    return outputs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,10 @@
 directory -> a flaxpod run directory (config.yaml, tokenizer/, checkpoints/0/state with params).
 
 Only safetensors are read: a `.bin` checkpoint is a pickle, which can run code when loaded, and
-is refused. The tokenizer is the directory's SentencePiece `tokenizer.model` or a
-character-level tokenizer.json as `flaxpod export` writes; any other tokenizer needs
-`--tokenizer DIR` pointing at a flaxpod tokenizer with the same ids.
+is refused. The tokenizer is read from the directory as transformers reads it: its tokenizer.json
+(byte-level BPE, WordPiece, Unigram: through the `tokenizers` library, special tokens from
+tokenizer_config.json), or flaxpod's own SentencePiece `tokenizer.model`; `--tokenizer PATH`
+names another one with the same ids.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | N
         tokenizer = read_hf_tokenizer(hf_dir)
         if tokenizer is None:
             raise ValueError(
-                f"{hf_dir}: no tokenizer flaxpod can read (tokenizer.model, or a character-level tokenizer.json); "
-                "pass --tokenizer DIR with a flaxpod tokenizer that has the same ids"
+                f"{hf_dir}: no tokenizer flaxpod can read (no tokenizer.json or tokenizer.model); "
+                "pass --tokenizer PATH with a tokenizer that has the same ids"
             )
     params = from_hf(read_safetensors(hf_dir), model_cfg, str(hf_dir))
     params, model_cfg = drop_zero_biases(params, model_cfg)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flaxpod import-hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="new run directory to write")
-    parser.add_argument("--tokenizer", default=None, help="flaxpod tokenizer directory to use instead of HF_DIR's")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or file to use instead of HF_DIR's")
     args = parser.parse_args(argv)
 
     from flaxpod.train.cli import run_guarded

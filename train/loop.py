@@ -20,11 +20,12 @@ import yaml
 from flaxpod.data.tokenizer import Tokenizer, has_tokenizer
 from flaxpod.sharding.mesh import sharding_table
 from flaxpod.train.checkpoint import Checkpointer, make_run_info
-from flaxpod.train.config import Config, ConfigError, check_against_devices, save_config, to_dict
+from flaxpod.train.config import Config, ConfigError, check_against_devices, config_from_dict, save_config, to_dict
 from flaxpod.train.data_source import RunData, load_run_data
-from flaxpod.train.faults import NonFiniteWatch, RunControl, StopRequested
+from flaxpod.train.early_stopping import EarlyStopping
+from flaxpod.train.faults import Decision, NonFiniteWatch, RunControl, StopRequested
 from flaxpod.train.flops import flops_per_token, peak_flops_per_device
-from flaxpod.train.metrics import MetricsWriter, Progress, format_duration
+from flaxpod.train.metrics import MetricsWriter, StepProgress, format_duration
 from flaxpod.train.state import TrainState
 from flaxpod.train.trainer import Trainer
 
@@ -42,7 +43,7 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> Config:
     vocab = m.vocab_size or -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
-    model = dataclasses.replace(m, vocab_size=vocab, max_seq_len=m.max_seq_len or m.seq_len)
+    model = dataclasses.replace(m, vocab_size=vocab, max_seq_len=m.max_len)
     return dataclasses.replace(cfg, model=model)
 
 
@@ -51,7 +52,8 @@ def check_resume_compatible(cfg: Config, run_dir: Path, sections: tuple[str, ...
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    # Through Config, so that keys added since the run was written take their defaults.
+    saved = to_dict(config_from_dict(yaml.safe_load(saved_path.read_text()) or {}))
     current = to_dict(cfg)
     for section in sections:
         for key, value in current[section].items():
@@ -111,12 +113,14 @@ def fit(
     *,
     init: Callable[[], TrainState] | None = None,
     validate: Callable[[dict], dict[str, float]] | None = None,
+    early_stopping: EarlyStopping | None = None,
 ) -> dict[str, Any]:
     """Trains `trainer` on `data` to cfg.train.steps, resuming from the run's latest checkpoint.
 
     init: the state of a new run (default: fresh parameters from cfg.seed). validate: params ->
     validation metrics (default: the objective's metrics on data.eval_batches, named val_*).
-    Returns the last logged metrics.
+    early_stopping: checkpoints each new best step, keeps it whatever the retention policy, and ends
+    the run once its patience is spent. Returns the last logged metrics.
     """
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
@@ -129,6 +133,8 @@ def fit(
         run_info=run_info,
     )
     checkpointer.remove_partial_saves()
+    if early_stopping is not None and early_stopping.best_step is not None:
+        checkpointer.protected.add(early_stopping.best_step)
     restored = checkpointer.restore_latest(trainer.layout)
     if restored is None:
         state = init() if init is not None else trainer.init_state(cfg.seed)
@@ -144,7 +150,7 @@ def fit(
             return {f"val_{k}": v for k, v in trainer.evaluate(params, data.eval_batches).items()}
 
     writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, resume_step=start)
-    progress = Progress(cfg.train.steps, enabled=is_main)
+    progress = StepProgress(cfg.train.steps, enabled=is_main)
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
     n_nonembed = trainer.param_counts()[1]
     flops_tok = flops_per_token(cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len, n_nonembed)
@@ -172,6 +178,7 @@ def fit(
         return rows
 
     final: dict[str, Any] = {}
+    best_reason, finish_early = "", False
     interval_start, interval_steps = time.perf_counter(), 0
     step = start
     try:
@@ -197,16 +204,32 @@ def fit(
                     log(f"step {step:>6}/{cfg.train.steps} | " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
                     final.update(val)
                     interval_start = time.perf_counter()  # evaluation time is not training time
+                    if early_stopping is not None:
+                        improved, finish_early = early_stopping.update(step, val)
+                        if improved:  # every process has the same metrics: no agreement needed
+                            checkpointer.protected = {step}
+                            best_reason = f"best {early_stopping.metric} so far"
+                        if finish_early:
+                            log(
+                                f"early stop at step {step}: {early_stopping.metric} did not improve for "
+                                f"{early_stopping.patience} evaluations; best step {early_stopping.best_step}"
+                            )
                 decision = control.decide(step)
+                if best_reason or finish_early:
+                    reason = "; ".join(r for r in (decision.reason, best_reason) if r)
+                    decision = Decision(save=True, stop=decision.stop, reason=reason)
+                    best_reason = ""
                 if decision.save:
                     fetch_pending()  # under train.nonfinite=stop, never checkpoint past a non-finite step
-                    final_or_stop = decision.stop or step == cfg.train.steps
+                    final_or_stop = decision.stop or finish_early or step == cfg.train.steps
                     blocked = checkpointer.save(step, state, train_iter.get_state(), wait=final_or_stop)
                     control.saved()
                     writer.write(step, {"checkpoint_blocked_s": blocked})
                     if decision.reason:
                         log(f"step {step:>6}/{cfg.train.steps} | checkpoint ({decision.reason})")
                     interval_start += blocked  # reported on its own, not as step time
+                if finish_early:
+                    break
                 if decision.stop and step < cfg.train.steps:
                     raise StopRequested(
                         f"stopped at step {step} ({decision.reason}); checkpoint {checkpointer.directory / str(step)} "
@@ -219,7 +242,7 @@ def fit(
             train_iter.close()
     elapsed = time.perf_counter() - progress.start
     log(
-        f"done: {cfg.train.steps} steps in {format_duration(elapsed)}; outputs in {run_dir.resolve()} "
+        f"done: {step} steps in {format_duration(elapsed)}; outputs in {run_dir.resolve()} "
         f"(config.yaml, tokenizer/, checkpoints/, metrics.jsonl, tensorboard/)"
     )
     final["step"] = step

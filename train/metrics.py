@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flaxpod.data.progress import format_duration
+
+__all__ = ["MetricsWriter", "StepProgress", "drop_rows_after", "format_duration"]  # format_duration: for the loop
+
 
 class MetricsWriter:
     """Appends rows to metrics.jsonl (and TensorBoard). `resume_step`: the step the run continues
@@ -72,18 +76,13 @@ def _plain(v: Any) -> Any:
     return float(v) if hasattr(v, "dtype") else v
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+class StepProgress:
+    """A console line per log step: loss, lr, throughput, MFU and ETA (data jobs have data.progress.Progress,
+    a redrawn byte-progress bar; both share format_duration)."""
 
-
-class Progress:
-    """A console line per log step: loss, lr, throughput, MFU and ETA."""
-
-    def __init__(self, total_steps: int, *, enabled: bool, stream=sys.stdout):
-        self.total, self.enabled, self.stream = total_steps, enabled, stream
+    def __init__(self, total_steps: int, *, enabled: bool, stream=None):
+        # sys.stdout is looked up when the run starts, not when this module is imported (it may have been replaced)
+        self.total, self.enabled, self.stream = total_steps, enabled, stream if stream is not None else sys.stdout
         self.start = time.perf_counter()
 
     def show(self, step: int, m: dict[str, float], step_seconds: float) -> None:

@@ -71,3 +71,31 @@ class CausalLM:
         ce_sum = jnp.sum(ce * w)
         objective = ce_sum + self.z_loss * jnp.sum(jnp.square(log_z) * w) if self.z_loss else ce_sum
         return objective, {"loss": ce_sum}
+
+
+def class_logits(model: nnx.Module, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
+    return model.classify(
+        batch["inputs"], segment_ids=batch["segment_ids"], positions=batch.get("positions"), dropout_key=dropout_key
+    )
+
+
+class Classify:
+    """Cross entropy of one label per row (`labels`, -1 on padding rows), optionally weighted per
+    class; the loss is sum(w[y] * ce) / sum(w[y]), as torch's CrossEntropyLoss(weight=...) does."""
+
+    def __init__(self, class_weights: jax.Array | None = None):
+        self.class_weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+
+    def _row_weights(self, labels: jax.Array) -> jax.Array:
+        valid = (labels >= 0).astype(jnp.float32)
+        if self.class_weights is None:
+            return valid
+        return valid * self.class_weights[jnp.maximum(labels, 0)]
+
+    def weight(self, batch: Batch) -> jax.Array:
+        return jnp.sum(self._row_weights(batch["labels"]))
+
+    def loss_sums(self, model, batch, dropout_key):
+        labels = batch["labels"]
+        ce, _ = token_losses(class_logits(model, batch, dropout_key), jnp.maximum(labels, 0))
+        return jnp.sum(ce * self._row_weights(labels)), {"loss": jnp.sum(ce * self._row_weights(labels))}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import jax
 import optax
-from flaxpod.train.config import OptimConfig
+from flaxpod.train.config import ConfigError, OptimConfig
 
 
 def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -34,16 +36,58 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+# Parameter groups of finetuning (lr multipliers, freezing), by top-level parameter name.
+PARAM_GROUPS = {
+    "embed": "embed",
+    "pos_embed": "embed",
+    "blocks": "blocks",
+    "final_norm": "head",
+    "lm_head": "head",
+    "cls_head": "task_head",
+}
+FROZEN = "frozen"
+
+
+def param_groups(params) -> dict:
+    """The group name of every parameter leaf (a tree like `params`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: PARAM_GROUPS[path[0].key], params)
+
+
+def make_optimizer(
+    optim: OptimConfig,
+    total_steps: int,
+    *,
+    lr_mult: Mapping[str, float] | None = None,
+    frozen: Sequence[str] = (),
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decay mask, schedule) after global-norm clipping. With `lr_mult` or `frozen` (finetuning),
+    each parameter group gets its learning rate scaled, and frozen groups get no update and no
+    optimizer state; the clipping norm then counts only the trained parameters."""
     schedule = make_schedule(optim, total_steps)
-    adamw = optax.adamw(
-        schedule,
-        b1=optim.beta1,
-        b2=optim.beta2,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-        mask=decay_mask,
-    )
-    if optim.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw), schedule
-    return adamw, schedule
+
+    def adamw(scale: float = 1.0) -> optax.GradientTransformation:
+        lr = schedule if scale == 1.0 else (lambda step: scale * schedule(step))
+        return optax.adamw(
+            lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask
+        )
+
+    lr_mult, frozen = dict(lr_mult or {}), set(frozen)
+    unknown = sorted((set(lr_mult) | frozen) - set(PARAM_GROUPS.values()))
+    if unknown:
+        raise ConfigError(
+            f"finetune.lr_mult/freeze: unknown parameter group {unknown[0]!r}; groups: "
+            f"{sorted(set(PARAM_GROUPS.values()))}"
+        )
+    if not lr_mult and not frozen:
+        update = adamw()
+    else:
+        groups = sorted(set(PARAM_GROUPS.values()) - frozen)
+        update = optax.multi_transform({g: adamw(lr_mult.get(g, 1.0)) for g in groups}, param_groups)
+    clipped = optax.chain(optax.clip_by_global_norm(optim.grad_clip), update) if optim.grad_clip > 0 else update
+    if not frozen:
+        return clipped, schedule
+
+    def train_or_frozen(params):
+        return jax.tree.map(lambda g: FROZEN if g in frozen else "train", param_groups(params))
+
+    return optax.multi_transform({"train": clipped, FROZEN: optax.set_to_zero()}, train_or_frozen), schedule

@@ -39,6 +39,7 @@ from flaxpod.train.checkpoint_files import (
 )
 from flaxpod.train.config import Config, ConfigError, config_from_dict, load_config, resolve_mesh_shape, save_config
 from flaxpod.train.config import to_dict as config_to_dict
+from flaxpod.train.early_stopping import read_best
 from flaxpod.train.state import StateLayout, abstract_model
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
@@ -186,10 +187,13 @@ def restore_params(
 
 
 def load_run(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedRun:
-    """Config, tokenizer and parameters of a run directory, checked against each other. `mesh`
-    defaults to `default_mesh` of the run's config."""
+    """Config, tokenizer and parameters of a run directory, checked against each other. `step`
+    defaults to the run's best step (early stopping, RUN_DIR/best.json), else its newest usable one;
+    `mesh` defaults to `default_mesh` of the run's config."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    if step is None and (best := read_best(run_dir)) is not None:
+        step = best.step
     tokenizer = load_run_tokenizer(run_dir, cfg)
     mesh = mesh if mesh is not None else default_mesh(cfg)
     try:

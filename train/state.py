@@ -77,26 +77,50 @@ def make_layout(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, 
     p_shardings = param_shardings(abstract, mesh, rules)
     shapes = jax.eval_shape(lambda: fresh_state(init_params(cfg, 0), tx, 0))
     replicated = NamedSharding(mesh, PartitionSpec())
-    # Optimizer moments are shaped like the parameters and sharded like them; optax knows which
-    # leaves of its state are parameter-shaped (counts, and frozen groups' empty states, are not).
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, shapes.opt_state, p_shardings, transform_non_params=lambda _: replicated
-    )
+    opt_shardings = opt_state_shardings(shapes.opt_state, p_shardings, shapes.params, replicated)
     shardings = TrainState(
         params=p_shardings, opt_state=opt_shardings, step=replicated, rng=replicated, skipped_steps=replicated
     )
     return StateLayout(graphdef, shapes, shardings)
 
 
-def compile_once(fn, out_shardings) -> Any:
-    """`fn()` jitted onto `out_shardings` and run: each array is created on its shards (never whole on
-    one device)."""
+def opt_state_shardings(opt_state: Any, p_shardings: dict, p_shapes: dict, replicated: NamedSharding) -> Any:
+    """Optimizer moments are sharded like their parameters: a leaf whose key path ends with a
+    parameter's path and has its shape gets that parameter's sharding; counts and scalars are
+    replicated.
+
+    Why not `optax.tree_map_params`: it finds parameter trees in the state only where the whole
+    tree appears; finetuning's per-group optimizers (multi_transform, frozen groups) hold partial,
+    masked copies, which it cannot map."""
+    by_path = {}
+    flat_shardings = jax.tree_util.tree_flatten_with_path(p_shardings)[0]
+    for (path, sharding), shape in zip(flat_shardings, jax.tree.leaves(p_shapes), strict=True):
+        by_path[_key_names(path)] = (sharding, tuple(shape.shape))
+
+    def pick(path, leaf):
+        names = _key_names(path)
+        for start in range(len(names)):
+            hit = by_path.get(names[start:])
+            if hit and hit[1] == tuple(getattr(leaf, "shape", ())):
+                return hit[0]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def _key_names(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def compile_once(fn, out_shardings, *args) -> Any:
+    """`fn(*args)` jitted onto `out_shardings` and run: each array is created on its shards (never whole
+    on one device)."""
     options = {}
     if jax.default_backend() == "cpu":
         # Runs once: XLA's CPU optimizer would spend ~0.7 s per random-number call compiling
         # code that is executed a single time (11 s -> 1.6 s for a tiny model here).
         options["xla_backend_optimization_level"] = 0
-    return jax.jit(fn, out_shardings=out_shardings).lower().compile(compiler_options=options)()
+    return jax.jit(fn, out_shardings=out_shardings).lower(*args).compile(compiler_options=options)(*args)
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, layout: StateLayout, seed: int) -> TrainState:

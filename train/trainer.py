@@ -45,29 +45,25 @@ class Trainer:
         self.tx, self.schedule, self.objective = tx, schedule, objective
         self.layout: StateLayout = make_layout(model, tx, mesh, rules)
         self.batch_sharding: NamedSharding = batch_sharding(mesh, rules)
-        resolver = activation_resolver(mesh, rules)
         train_step = make_train_step(
             self.layout, tx, schedule, objective, grad_accum=grad_accum, dropout=model.dropout > 0
         )
-        eval_step = make_eval_step(self.layout, objective)
         self.step = jax.jit(
-            _with_activation_sharding(train_step, resolver),
+            _with_activation_sharding(train_step, activation_resolver(mesh, rules)),
             in_shardings=(self.layout.shardings, None),
             out_shardings=(self.layout.shardings, None),
             donate_argnums=(0,),
         )
-        self._eval_step = jax.jit(
-            _with_activation_sharding(eval_step, resolver), in_shardings=(self.layout.param_shardings, None)
-        )
+        self._eval_step = self.compile_eval(make_eval_step(self.layout, objective))
 
     @classmethod
     def from_config(cls, cfg: Config, objective: Objective | None = None, *, devices: list | None = None) -> Trainer:
         """The trainer a run config asks for (mesh over all devices, or `devices`)."""
-        count = len(devices) if devices is not None else jax.device_count()
-        mesh = build_mesh(*check_against_devices(cfg, count), devices=devices)
-        rules = make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
-        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        tx, schedule = make_optimizer(
+            cfg.optim, cfg.train.steps, lr_mult=cfg.finetune.lr_mult, frozen=cfg.finetune.freeze
+        )
         objective = objective if objective is not None else CausalLM(cfg.optim.z_loss)
+        mesh, rules = mesh_from_config(cfg, devices), make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
         return cls(cfg.model, mesh, rules, tx, schedule, objective, grad_accum=cfg.train.grad_accum)
 
     # -- state
@@ -78,8 +74,25 @@ class Trainer:
         return compile_once(lambda: fresh_state(init_params(self.model, seed), self.tx, seed), self.layout.shardings)
 
     def state_from_params(self, params: dict, seed: int) -> TrainState:
-        """A fresh optimizer state around given parameters (already on the layout's shardings)."""
-        return compile_once(lambda: fresh_state(params, self.tx, seed), self.layout.shardings)
+        """A fresh optimizer state around `params`, which may lack some top-level entries (a new task
+        head): those are initialised as `init_state(seed)` would (the rest of its random
+        initialisation is dead code that XLA removes)."""
+
+        def build(given: dict) -> TrainState:
+            fresh = init_params(self.model, seed)
+            return fresh_state({name: given.get(name, value) for name, value in fresh.items()}, self.tx, seed)
+
+        unknown = sorted(set(params) - set(self.layout.shapes.params))
+        if unknown:
+            raise ValueError(f"parameters {unknown} are not part of this model")
+        return compile_once(build, self.layout.shardings, params)
+
+    def compile_eval(self, fn: Callable) -> Callable:
+        """`fn(params, batch)` jitted for this mesh (activation-sharding hints installed), e.g. predictions."""
+        return jax.jit(
+            _with_activation_sharding(fn, activation_resolver(self.mesh, self.rules)),
+            in_shardings=(self.layout.param_shardings, None),
+        )
 
     def param_counts(self) -> tuple[int, int]:
         """(all parameters, non-embedding parameters)."""
@@ -102,6 +115,14 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + float(value)
             weight += float(w)
         return {name: value / max(weight, 1.0) for name, value in totals.items()}
+
+
+def mesh_from_config(cfg: Config, devices: list | None = None) -> Mesh:
+    """The run's (data, fsdp, tensor) mesh over all devices (or `devices`), split across slices or
+    nodes as mesh.dcn_data / mesh.dcn_fsdp ask."""
+    count = len(devices) if devices is not None else jax.device_count()
+    shape = check_against_devices(cfg, count)
+    return build_mesh(*shape, devices=devices, dcn_data=cfg.mesh.dcn_data, dcn_fsdp=cfg.mesh.dcn_fsdp)
 
 
 def _with_activation_sharding(fn: Callable, resolver: Any) -> Callable:
