@@ -2,8 +2,8 @@
 
 TPU slices are named as Google Cloud names them: `v5p-128` counts TensorCores (v4 and v5p have two per
 chip, run as one "megacore" device), `v5e-256` / `v5litepod-256` / `v6e-256` count chips. A slice's
-physical shape is the one Cloud provisions for power-of-two sizes (as MaxText's accelerator table);
-any other shape is given explicitly, e.g. `v5p:4x4x12`. GPU targets are hosts of eight: `h100x8`,
+physical shape is the one Cloud provisions (sharding/targets/accelerators.py, the table `flaxpod
+launch` uses); any other shape is given explicitly, e.g. `v5p:4x4x12`. GPU targets are hosts of eight: `h100x8`,
 `2xh200x8` (two hosts). Several TPU slices (`2xv5e-256`) are refused for now (see parse_target).
 """
 
@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from flaxpod.model.errors import InputError
+from flaxpod.sharding.targets.accelerators import tpu_slice
 
 GiB = 1024**3
 
@@ -41,13 +42,13 @@ GPU_CHIPS = {
     "h200": Chip(141 * 10**9, 989e12),
     "b200": Chip(180 * 10**9, 2250e12),
 }
-# Per generation: the topology-name prefix libtpu expects, TensorCores counted per chip in the
-# slice name, dimensions of the chip torus, and libtpu's chip configuration.
+# Per generation: the topology-name prefix libtpu expects, dimensions of the chip torus, and
+# libtpu's chip configuration.
 TPU_GENERATIONS = {
-    "v4": ("v4", 2, 3, "megacore"),
-    "v5p": ("v5", 2, 3, "megacore"),
-    "v5e": ("v5e", 1, 2, "default"),
-    "v6e": ("v6e", 1, 2, "default"),
+    "v4": ("v4", 3, "megacore"),
+    "v5p": ("v5", 3, "megacore"),
+    "v5e": ("v5e", 2, "default"),
+    "v6e": ("v6e", 2, "default"),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
 
@@ -104,40 +105,18 @@ def parse_target(text: str) -> Target:
     generation = ALIASES.get((sized or shaped).group(1), (sized or shaped).group(1))
     if generation not in TPU_GENERATIONS:
         raise InputError(f"--target: unknown TPU generation in {text!r}; known: {', '.join(TPU_GENERATIONS)}")
-    prefix, cores, ndim, chip_config = TPU_GENERATIONS[generation]
+    prefix, ndim, chip_config = TPU_GENERATIONS[generation]
     if shaped:
         dims = [int(d) for d in shaped.group(2).split("x")]
         if len(dims) != ndim:
             raise InputError(f"--target: {generation} slices have {ndim} dimensions, got {shaped.group(2)!r}")
     else:
-        count = int(sized.group(2))
-        if count % cores or not _is_power_of_two(count // cores):
-            raise InputError(
-                f"--target: {text!r}: give a {generation} slice of a power-of-two size"
-                f" ({'TensorCores' if cores == 2 else 'chips'}), or its shape, e.g. {generation}:4x4x12"
-            )
-        dims = _slice_shape(count // cores, ndim)
+        try:  # the one table of Cloud's slice shapes, shared with `flaxpod launch`
+            dims = [int(d) for d in tpu_slice(f"{generation}-{sized.group(2)}").topology.split("x")]
+        except InputError as e:
+            raise InputError(f"--target {text}: {str(e).removeprefix('--accelerator: ')}") from e
     topology = f"{prefix}:{'x'.join(map(str, dims))}"
     return Target(text, "tpu", generation, TPU_CHIPS[generation], math.prod(dims), slices, topology, chip_config)
-
-
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _slice_shape(chips: int, ndim: int) -> list[int]:
-    """The torus Cloud provisions for a power-of-two chip count: 3-D slices start at 2x2x1 and
-    double their last smallest side (2x2x2, 2x2x4, 2x4x4, 4x4x4, ...); 2-D ones 2x2, 2x4, 4x4, 4x8, ..."""
-    if chips < 4:
-        return [1, chips] if ndim == 2 else [1, 1, chips]
-    dims = [2, 2] if ndim == 2 else [2, 2, 1]
-    if ndim == 3 and chips >= 8:
-        dims = [2, 2, 2]
-    while math.prod(dims) < chips:
-        smallest = min(dims)
-        last = max(i for i, d in enumerate(dims) if d == smallest)
-        dims[last] *= 2
-    return dims
 
 
 def tpu_devices(target: Target) -> list:
