@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "predict": ("flaxpod.train.predict", "main", "labels and probabilities of texts from a classification run"),
     "export": ("flaxpod.train.export", "main", "write a checkpoint as a Hugging Face model directory or safetensors"),
     "import-hf": ("flaxpod.train.import_hf", "main", "turn a Hugging Face GPT-2/Llama directory into a run directory"),
+    "plan": ("flaxpod.train.plan", "main", "compile a config for a TPU slice or GPU hosts and check that it fits"),
     "launch": ("flaxpod.sharding.launch", "main", "run a command as N JAX processes on this machine"),
     "config-reference": (
         "flaxpod.train.cli",
