@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flaxpod.data.jsonl import read_jsonl
 from flaxpod.data.text import read_corpus, resolve_text_paths
 from flaxpod.train.cli import run_guarded
 
@@ -54,36 +55,21 @@ class Choice:
 def read_mc_jsonl(path: str | Path, limit: int | None = None) -> list[Choice]:
     """Rows {"query": str, "choices": [str, ...], "gold": int}; a bad row names its line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"multiple-choice file {path} does not exist")
     rows: list[Choice] = []
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not UTF-8 (byte {e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            for key in ("query", "choices", "gold"):
-                if key not in row:
-                    raise ValueError(f"{path}:{line_no}: missing field '{key}' (expected query, choices, gold)")
-            query, choices, gold = row["query"], row["choices"], row["gold"]
-            if not isinstance(query, str):
-                raise ValueError(f"{path}:{line_no}: 'query' must be a string, got {type(query).__name__}")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise ValueError(f"{path}:{line_no}: 'choices' must be a list of at least 2 strings")
-            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-                raise ValueError(f"{path}:{line_no}: 'gold' must be an index into choices (0..{len(choices) - 1})")
-            rows.append(Choice(query, choices, gold, f"{path}:{line_no}"))
+    for line_no, row in read_jsonl(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        for key in ("query", "choices", "gold"):
+            if key not in row:
+                raise ValueError(f"{path}:{line_no}: missing field '{key}' (expected query, choices, gold)")
+        query, choices, gold = row["query"], row["choices"], row["gold"]
+        if not isinstance(query, str):
+            raise ValueError(f"{path}:{line_no}: 'query' must be a string, got {type(query).__name__}")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{path}:{line_no}: 'choices' must be a list of at least 2 strings")
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise ValueError(f"{path}:{line_no}: 'gold' must be an index into choices (0..{len(choices) - 1})")
+        rows.append(Choice(query, choices, gold, f"{path}:{line_no}"))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
