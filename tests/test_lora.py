@@ -1,0 +1,83 @@
+"""LoRA finetuning: adapters inside the scanned blocks (forward, merge, sharding), a frozen base with no
+optimizer state, checkpoints that hold only the adapters and refuse a changed base, merged and PEFT exports."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flaxpod.model.config import LoraConfig, ModelConfig
+from flaxpod.model.lora import merge
+from flaxpod.train.objectives import forward
+from flaxpod.train.state import abstract_model, init_params
+
+from tests.test_finetune import classify_args, sft_args, work  # noqa: F401  (the module's fixture)
+
+ALL = {"llama": ["q", "k", "v", "o", "up", "gate", "down"], "gpt2": ["q", "k", "v", "o", "up", "down"]}
+
+
+def tiny(family: str, **lora) -> ModelConfig:
+    kv = 2 if family == "llama" else 0
+    model = ModelConfig(family=family, n_layer=2, n_head=4, n_kv_head=kv, d_model=32, seq_len=16, vocab_size=64)
+    return dataclasses.replace(model, lora=LoraConfig(**lora)) if lora else model
+
+
+def graft(base: dict, fresh: dict) -> dict:
+    """`fresh` (a LoRA model's parameters) with the base model's weights wherever the base has them."""
+    return {k: (graft(base[k], v) if isinstance(v, dict) else base[k]) if k in base else v for k, v in fresh.items()}
+
+
+def perturb_b(params: dict, seed: int = 1) -> dict:
+    """B starts at zero (the adapter is a no-op); give it values so the adapter changes the output."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = [
+        v + 0.05 * jax.random.normal(k, v.shape) if str(path[-1].key).endswith("_lora_b") else v
+        for (path, v), k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_adapters_start_as_identity_and_merge_exactly(family):
+    base_cfg, lora_cfg = tiny(family), tiny(family, rank=4, alpha=8.0, targets=ALL[family])
+    base = init_params(base_cfg, 0)
+    params = graft(base, init_params(lora_cfg, 0))
+    batch = {"inputs": jnp.arange(32).reshape(2, 16) % 64}
+    ref = forward(abstract_model(base_cfg)[0], base, batch)
+    lora_graph = abstract_model(lora_cfg)[0]
+    # B = 0 at init: exactly the base model, bit for bit.
+    np.testing.assert_array_equal(np.asarray(forward(lora_graph, params, batch)), np.asarray(ref))
+    # With B != 0: the unmerged forward equals the plain model with W + (alpha/r) A B folded in.
+    params = perturb_b(params)
+    unmerged = np.asarray(forward(lora_graph, params, batch))
+    merged = merge(jax.tree.map(np.asarray, params), lora_cfg.lora)
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    np.testing.assert_allclose(np.asarray(forward(abstract_model(base_cfg)[0], merged, batch)), unmerged, atol=2e-5)
+    assert np.abs(unmerged - np.asarray(ref)).max() > 0.05  # the adapters do change the output
+
+
+LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8", "finetune.lora.targets=q,v,down"]
+
+
+def test_lora_finetune_trains_only_adapters_and_head(work, tmp_path, capsys):  # noqa: F811
+    from flaxpod.train.cli import main as cli_main
+    from flaxpod.train.run_dir import load_run, single_device_mesh
+
+    run = tmp_path / "lora"
+    assert cli_main(classify_args(work, run, *LORA, "train.steps=20", "checkpoint.every=20")) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters:" in out and "for full finetuning" in out
+    base = load_run(work / "base", mesh=single_device_mesh()).params
+    tuned = load_run(run, mesh=single_device_mesh()).params
+    flat_base = dict(jax.tree_util.tree_flatten_with_path(base)[0])
+    for path, value in jax.tree_util.tree_flatten_with_path(tuned)[0]:
+        keys = [k.key for k in path]
+        if "lora" in keys:
+            if keys[-1].endswith("_lora_b"):
+                assert np.abs(np.asarray(value)).max() > 0, keys  # B moved off zero
+        elif keys[0] != "cls_head":
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_base[path]), err_msg=str(keys))
