@@ -33,6 +33,7 @@ from flaxpod.train.config import Config, check_against_devices, to_dict
 from flaxpod.train.data_source import RunData
 from flaxpod.train.early_stopping import EarlyStopping
 from flaxpod.train.loop import check_resume_compatible, describe, fit, log, write_run_files
+from flaxpod.train.lora_run import is_lora, partial_params, record_base
 from flaxpod.train.objectives import CausalLM, Classify, class_logits
 from flaxpod.train.optimizer import make_optimizer, trainable_mask
 from flaxpod.train.run_dir import load_run_config, load_run_tokenizer, param_target, restore_params
@@ -115,6 +116,11 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
     # Inputs are valid: from here on the run directory is written.
     write_run_files(cfg, run_dir, base.tokenizer)
     task.write(run_dir)
+    partial = None
+    if is_lora(cfg):
+        record_base(run_dir, cfg)
+        shapes, shardings = trainer.layout.shapes.params, trainer.layout.param_shardings
+        partial = partial_params(cfg, run_dir, shapes, shardings, trainer.mesh)
     log(f"base: {base.run_dir} step {base.step} ({cfg.finetune.init} weights); task {cfg.finetune.task}")
     log(f"data: {task.data.description}")
     describe(trainer, cfg)
@@ -135,6 +141,7 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
         init=init,
         validate=task.validator(trainer),
         early_stopping=early,
+        partial=partial,
     )
 
 

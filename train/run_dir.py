@@ -196,14 +196,27 @@ def load_run(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = N
         step = best.step
     tokenizer = load_run_tokenizer(run_dir, cfg)
     mesh = mesh if mesh is not None else default_mesh(cfg)
+    target = param_target(cfg, mesh)
+    partial = None
+    if cfg.model.lora.rank:  # a LoRA run: its checkpoints hold the adapters; the rest is the base's
+        from flaxpod.train.lora_run import partial_params
+
+        partial = partial_params(cfg, run_dir, *_shapes_and_shardings(target), mesh)
+        target = partial.select(target)
     try:
-        params, step = restore_params(run_dir, step, param_target(cfg, mesh))
+        params, step = restore_params(run_dir, step, target)
+        if partial is not None:
+            params = partial.complete(params)
     except (ValueError, KeyError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise InputError(f"{run_dir}: its parameters do not match the model in {CONFIG_FILE}: {e}") from None
     graphdef, _ = abstract_model(cfg.model)
     return LoadedRun(run_dir, cfg, tokenizer, graphdef, params, step, mesh)
+
+
+def _shapes_and_shardings(target: dict) -> tuple[dict, dict]:
+    return target, jax.tree.map(lambda s: s.sharding, target)
 
 
 def host_params(params: dict) -> dict:
