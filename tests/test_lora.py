@@ -4,6 +4,10 @@ optimizer state, checkpoints that hold only the adapters and refuse a changed ba
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +16,11 @@ import pytest
 from flaxpod.model.config import LoraConfig, ModelConfig
 from flaxpod.model.lora import merge
 from flaxpod.train.objectives import forward
+from flaxpod.train.run_dir import restore_params
 from flaxpod.train.state import abstract_model, init_params
 
 from tests.test_finetune import classify_args, sft_args, work  # noqa: F401  (the module's fixture)
+from tools.resume_check import compare_runs, is_committed, signal_when, start
 
 ALL = {"llama": ["q", "k", "v", "o", "up", "gate", "down"], "gpt2": ["q", "k", "v", "o", "up", "down"]}
 
@@ -81,3 +87,32 @@ def test_lora_finetune_trains_only_adapters_and_head(work, tmp_path, capsys):  #
                 assert np.abs(np.asarray(value)).max() > 0, keys  # B moved off zero
         elif keys[0] != "cls_head":
             np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_base[path]), err_msg=str(keys))
+
+
+def params_bytes(params: dict) -> int:
+    return sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_kill9_lora_resumes_bit_for_bit_and_checkpoints_hold_adapters(work, tmp_path):  # noqa: F811
+    environ = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    flaxpod = [sys.executable, "-m", "flaxpod.train.cli"]
+    reference = tmp_path / "reference"
+    assert start([*flaxpod, *classify_args(work, reference, *LORA)], tmp_path / "ref.log", environ).wait(600) == 0
+    killed = tmp_path / "killed"
+    cmd = [*flaxpod, *classify_args(work, killed, *LORA)]
+    proc = start(cmd, tmp_path / "killed.log", environ)
+    assert signal_when(proc, lambda: is_committed(killed, 10), signal.SIGKILL), "ended before the kill"
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert start(cmd, tmp_path / "killed.log", environ).wait(600) == 0, (tmp_path / "killed.log").read_text()[-2000:]
+    c = compare_runs(reference, killed, from_step=10)
+    assert not c.missing and c.first_difference is None, (c.missing[:3], c.first_difference)
+    assert c.params_equal
+    # The checkpoint holds the adapters and the head only: a small fraction of the base's parameters.
+    saved, _ = restore_params(reference, 30)
+    names = {"/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    assert names == {
+        f"blocks/{m}/lora/{t}_lora_{ab}" for m, t in (("attn", "q"), ("attn", "v"), ("mlp", "down")) for ab in "ab"
+    } | {"cls_head"}
+    base, _ = restore_params(work / "base")
+    assert params_bytes(saved) < params_bytes(base) / 4, (params_bytes(saved), params_bytes(base))

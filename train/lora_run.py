@@ -98,12 +98,15 @@ def restricted(tree: dict, like: dict) -> dict:
     return {k: restricted(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
 
 
+def saved_part(cfg: Config, params: dict) -> dict:
+    """The part of a LoRA run's parameters (or a tree like them) that its checkpoints hold."""
+    return prune(params, trainable_mask(params, cfg.finetune.freeze, cfg.model.lora))
+
+
 def partial_params(cfg: Config, run_dir: str | Path, shapes: dict, shardings: dict, mesh) -> PartialParams:
     """How a LoRA run's checkpoints hold its parameters: the trained part; the rest read from the base
     (checked against its fingerprint) onto `shardings`."""
     from flaxpod.train.run_dir import load_run_config, param_target, restore_params
-
-    mask = trainable_mask(shapes, cfg.finetune.freeze, cfg.model.lora)
 
     def complete(part: dict) -> dict:
         ref = check_base(Path(run_dir), cfg)
@@ -112,4 +115,4 @@ def partial_params(cfg: Config, run_dir: str | Path, shapes: dict, shardings: di
         full = restricted(overlay(base, part), shapes)
         return jax.device_put(full, shardings)
 
-    return PartialParams(select=lambda tree: prune(tree, mask), complete=complete)
+    return PartialParams(select=lambda tree: saved_part(cfg, tree), complete=complete)

@@ -180,7 +180,12 @@ def restore_params(
         if not (step_dir / RUN).exists():
             raise CheckpointError(f"{step_dir}: has no run item (config); pass a StateLayout or abstract target")
         _, run_info = read_run_info(run_dir, step)
-        target = param_target(config_from_dict(run_info["config"]), target)
+        cfg = config_from_dict(run_info["config"])
+        target = param_target(cfg, target)
+        if cfg.model.lora.rank:  # what a LoRA checkpoint holds: adapters and head (load_run adds the base)
+            from flaxpod.train.lora_run import saved_part
+
+            target = saved_part(cfg, target)
     with reader() as handle:
         out = handle.restore(step_dir, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
     return out[PARAMS], step
