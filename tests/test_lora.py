@@ -4,7 +4,9 @@ optimizer state, checkpoints that hold only the adapters and refuse a changed ba
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -13,13 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from flax import nnx
 from flaxpod.model.config import LoraConfig, ModelConfig
 from flaxpod.model.lora import merge
-from flaxpod.train.objectives import forward
-from flaxpod.train.run_dir import restore_params
+from flaxpod.train.cli import main as cli_main
+from flaxpod.train.objectives import class_logits, forward
+from flaxpod.train.run_dir import load_run, restore_params, single_device_mesh
 from flaxpod.train.state import abstract_model, init_params
 
-from tests.test_finetune import classify_args, sft_args, work  # noqa: F401  (the module's fixture)
+from tests.test_finetune import classify_args, metric, sft_args, work  # noqa: F401  (the module's fixture)
 from tools.resume_check import compare_runs, is_committed, signal_when, start
 
 ALL = {"llama": ["q", "k", "v", "o", "up", "gate", "down"], "gpt2": ["q", "k", "v", "o", "up", "down"]}
@@ -70,9 +75,6 @@ LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8", "finetune.lora.targets=
 
 
 def test_lora_finetune_trains_only_adapters_and_head(work, tmp_path, capsys):  # noqa: F811
-    from flaxpod.train.cli import main as cli_main
-    from flaxpod.train.run_dir import load_run, single_device_mesh
-
     run = tmp_path / "lora"
     assert cli_main(classify_args(work, run, *LORA, "train.steps=20", "checkpoint.every=20")) == 0
     out = capsys.readouterr().out
@@ -116,3 +118,84 @@ def test_kill9_lora_resumes_bit_for_bit_and_checkpoints_hold_adapters(work, tmp_
     } | {"cls_head"}
     base, _ = restore_params(work / "base")
     assert params_bytes(saved) < params_bytes(base) / 4, (params_bytes(saved), params_bytes(base))
+
+
+def our_logits(run_dir: Path, tokens: np.ndarray, *, classify: bool) -> np.ndarray:
+    """The LoRA run's own (unmerged) forward pass."""
+    run = load_run(run_dir, mesh=single_device_mesh())
+    batch = {"inputs": tokens, "segment_ids": tokens * 0 + 1}
+    if classify:
+        return np.asarray(jax.jit(lambda p: class_logits(nnx.merge(run.graphdef, p), batch, None))(run.params))
+    return np.asarray(jax.jit(lambda p: forward(run.graphdef, p, {"inputs": tokens}))(run.params))
+
+
+@pytest.mark.slow
+def test_lora_classify_evaluate_predict_and_merged_export(work, tmp_path, capsys):  # noqa: F811
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir = tmp_path / "cls"
+    args = classify_args(work, run_dir, *LORA, "optim.lr=1e-2", "finetune.lora.train_fully=norms")
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert max(metric(run_dir, "val_macro_f1").values()) > 0.8  # adapters + head learn the keyword task
+    assert cli_main(["evaluate", str(run_dir), "--classify", str(work / "test.csv")]) == 0
+    capsys.readouterr()
+    assert cli_main(["predict", str(run_dir), "--text", "pear lemon grape"]) == 0
+    predicted = json.loads(capsys.readouterr().out)["label"]
+
+    out = tmp_path / "hf"
+    assert cli_main(["export", str(run_dir), "--out", str(out)]) == 0
+    run = load_run(run_dir, mesh=single_device_mesh())
+    tokens = np.array([run.tokenizer.encode("pear lemon grape") + [run.tokenizer.eos_id]], np.int32)
+    ours = our_logits(run_dir, tokens, classify=True)
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)  # merged (transformers) vs unmerged (flaxpod)
+    assert hf.config.id2label[int(ours.argmax())] == predicted
+    assert cli_main(["export", str(run_dir), "--out", str(tmp_path / "a"), "--adapters-only"]) == 2  # norms trained
+    assert "train_fully" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lora_sft_peft_round_trip_and_changed_base_refused(work, tmp_path, capsys):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    peft = pytest.importorskip("peft")
+    run_dir = tmp_path / "sft"
+    targets = "finetune.lora.targets=q,k,v,o,up,gate,down"
+    assert cli_main(sft_args(work, run_dir, "finetune.lora.rank=4", targets, "optim.lr=1e-2")) == 0
+    loss = metric(run_dir, "loss")
+    assert loss[24] < loss[4] - 0.05  # the adapters learn (the base is random: validation barely moves)
+    assert cli_main(["generate", str(run_dir), "--prompt", "repeat: apple", "--max-new-tokens", "4"]) == 0
+
+    merged, adapters, base_hf = tmp_path / "merged", tmp_path / "adapters", tmp_path / "base_hf"
+    assert cli_main(["export", str(run_dir), "--out", str(merged)]) == 0
+    assert cli_main(["export", str(run_dir), "--out", str(adapters), "--adapters-only"]) == 0
+    assert cli_main(["export", str(work / "base"), "--out", str(base_hf)]) == 0
+    run = load_run(run_dir, mesh=single_device_mesh())
+    tokens = np.array([run.tokenizer.encode("repeat: apple pear")], np.int32)
+    ours = our_logits(run_dir, tokens, classify=False)
+    ids = torch.tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        from_merged = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits.numpy()
+        with_peft = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_hf), adapters).eval()
+        from_peft = with_peft(ids).logits.numpy()
+    np.testing.assert_allclose(from_merged, ours, atol=1e-4)
+    np.testing.assert_allclose(from_peft, ours, atol=1e-4)
+
+    # A base whose params checkpoint changed is refused (its adapters belong to the old weights).
+    base_copy = tmp_path / "base_copy"
+    shutil.copytree(work / "base", base_copy)
+    run2 = tmp_path / "sft2"
+    args = sft_args(work, run2, "finetune.lora.rank=4", "train.steps=12")
+    args[args.index(f"finetune.base={work / 'base'}")] = f"finetune.base={base_copy}"
+    assert cli_main(args) == 0
+    commit = next((base_copy / "checkpoints" / "0").glob("flaxpod_commit.json"))
+    record = json.loads(commit.read_text())
+    name = next(n for n in record["files"] if n.startswith("params/"))
+    record["files"][name] += 1
+    (base_copy / "checkpoints" / "0" / name).write_bytes((base_copy / "checkpoints" / "0" / name).read_bytes() + b"x")
+    commit.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(run2), "--sft", str(work / "sft_test.jsonl")]) == 2
+    assert "changed since this LoRA run started" in capsys.readouterr().err
