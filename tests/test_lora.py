@@ -199,3 +199,35 @@ def test_lora_sft_peft_round_trip_and_changed_base_refused(work, tmp_path, capsy
     capsys.readouterr()
     assert cli_main(["evaluate", str(run2), "--sft", str(work / "sft_test.jsonl")]) == 2
     assert "changed since this LoRA run started" in capsys.readouterr().err
+
+
+def _padded(spec, n: int) -> tuple:
+    return tuple(spec) + (None,) * (n - len(tuple(spec)))
+
+
+def test_adapters_shard_like_their_base_and_only_they_hold_optimizer_state():
+    from flaxpod.sharding.mesh import build_mesh
+    from flaxpod.sharding.rules import make_rules
+    from flaxpod.train.config import OptimConfig
+    from flaxpod.train.optimizer import make_optimizer
+    from flaxpod.train.state import make_layout
+
+    cfg = tiny("llama", rank=4, targets=ALL["llama"])
+    tx, _ = make_optimizer(OptimConfig(), 10, lora=cfg.lora)
+    layout = make_layout(cfg, tx, build_mesh(1, 2, 4), make_rules("fsdp_tp", {}))
+    params = layout.param_shardings["blocks"]
+    for module, name in (("attn", "q"), ("attn", "k"), ("attn", "o"), ("mlp", "up"), ("mlp", "down")):
+        base = params[module][name].spec
+        n_in = {"q": 1, "k": 1, "o": 2, "up": 1, "down": 1}[name]
+        w = _padded(base, len(layout.shapes.params["blocks"][module][name].shape))
+        a = _padded(params[module]["lora"][name + "_lora_a"].spec, n_in + 2)
+        b = _padded(params[module]["lora"][name + "_lora_b"].spec, len(w) - n_in + 1)
+        assert a == (*w[: n_in + 1], None) and b == (w[0], None, *w[n_in + 1 :]), (name, w, a, b)
+    assert any(s is not None for s in w)  # the mesh really splits these weights
+    # Adam's moments exist for the adapters only (the base is frozen), sharded like them.
+    adapter_shapes = {s.shape for s in jax.tree.leaves(layout.shapes.params["blocks"]["attn"]["lora"])}
+    adapter_shapes |= {s.shape for s in jax.tree.leaves(layout.shapes.params["blocks"]["mlp"]["lora"])}
+    moments = [s.shape for s in jax.tree.leaves(layout.shapes.opt_state) if s.ndim > 0]
+    assert moments and set(moments) <= adapter_shapes
+    n_adapter = sum(s.size for s in jax.tree.leaves(layout.shapes.params["blocks"]) if s.shape in adapter_shapes)
+    assert sum(s.size for s in jax.tree.leaves(layout.shapes.opt_state) if s.ndim > 0) == 2 * n_adapter
