@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BANKING = REPO.parent / "shared" / "data" / "classification" / "banking77"
+BANKING = REPO.parent / "shared" / "data" / "classification" / "banking77"  # a clone beside ../shared
 
 
 def dir_bytes(path: Path) -> int:
@@ -50,8 +50,8 @@ def banking77(args: argparse.Namespace) -> None:
         assert cli_main(["pretrain", str(REPO / "configs" / "tiny.yaml"), *pretrain, "logging.tensorboard=false"]) == 0
     common = [
         f"finetune.base={base}",
-        f"data.path={BANKING / 'train.csv'}",
-        f"data.val_path={BANKING / 'test.csv'}",
+        f"data.path={Path(args.data) / 'train.csv'}",
+        f"data.val_path={Path(args.data) / 'test.csv'}",
         f"train.steps={args.steps}",
         f"train.eval_every={args.steps}",
         "train.log_every=10",
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("banking77")
     b.add_argument("--work", default="/tmp/bench_lora")
+    b.add_argument("--data", default=str(BANKING), help="banking77 directory (train.csv, test.csv)")
     b.add_argument("--pretrain-steps", type=int, default=200)
     b.add_argument("--steps", type=int, default=150)
     b.add_argument("--lora-lr", type=float, default=5e-3, help="LoRA's peak lr (full finetuning: the config's)")
