@@ -1,6 +1,6 @@
 """A LoRA run's checkpoints hold only what it trains (adapters, task head, `lora.train_fully` groups) and
 refer to the base run for the frozen rest: RUN_DIR/lora_base.json names the base directory, its step and
-a fingerprint of its params checkpoint (the commit record's file names and sizes). Resuming, evaluating
+a fingerprint of its params checkpoint (the commit record's file names, sizes and hashes). Resuming, evaluating
 or exporting the run rebuilds the full parameters from the base and refuses a base that changed.
 """
 
@@ -26,10 +26,14 @@ def is_lora(cfg: Config) -> bool:
 
 
 def base_fingerprint(base_dir: str | Path, step: int) -> str:
-    """sha256 of the base checkpoint's params files and sizes, as its commit record lists them."""
+    """sha256 of what the base checkpoint's commit record lists for its params files: their sizes, and
+    their content hashes where the record has them (nothing is re-read: the record was written at commit)."""
     _, step_dir = find_checkpoint(base_dir, step)
-    files = json.loads((step_dir / COMMIT_FILE).read_text())["files"]
-    params = {name: size for name, size in sorted(files.items()) if name.startswith(PARAMS + "/")}
+    record = json.loads((step_dir / COMMIT_FILE).read_text())
+    params = {
+        key: {name: v for name, v in sorted(record.get(key, {}).items()) if name.startswith(PARAMS + "/")}
+        for key in ("files", "sha256")
+    }
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
