@@ -53,6 +53,7 @@ def record_base(run_dir: Path, cfg: Config) -> None:
         check_base(run_dir, cfg)
         return
     if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(base_reference(cfg), indent=2))
         tmp.replace(path)
