@@ -230,3 +230,27 @@ def test_adapters_shard_like_their_base_and_only_they_hold_optimizer_state():
     assert moments and set(moments) <= adapter_shapes
     n_adapter = sum(s.size for s in jax.tree.leaves(layout.shapes.params["blocks"]) if s.shape in adapter_shapes)
     assert sum(s.size for s in jax.tree.leaves(layout.shapes.opt_state) if s.ndim > 0) == 2 * n_adapter
+
+
+def test_the_step_computes_no_weight_gradients_for_the_frozen_base():
+    from flaxpod.sharding.mesh import build_mesh
+    from flaxpod.sharding.rules import make_rules
+    from flaxpod.train.config import OptimConfig
+    from flaxpod.train.objectives import CausalLM
+    from flaxpod.train.optimizer import make_optimizer, trainable_mask
+    from flaxpod.train.state import make_layout
+    from flaxpod.train.step import make_train_step
+
+    cfg = tiny("llama", rank=4)
+    tx, schedule = make_optimizer(OptimConfig(), 10, lora=cfg.lora)
+    layout = make_layout(cfg, tx, build_mesh(1, 1, 1, devices=jax.devices()[:1]), make_rules("fsdp_tp", {}))
+    frozen = jax.tree.map(lambda t: not t, trainable_mask(layout.shapes.params, (), cfg.lora))
+    batch = {k: jax.ShapeDtypeStruct((2, 16), jnp.int32) for k in ("inputs", "targets")}
+
+    def matmuls(step) -> int:
+        return str(jax.make_jaxpr(step)(layout.shapes, batch)).count("dot_general")
+
+    stopped = matmuls(make_train_step(layout, tx, schedule, CausalLM(), frozen=frozen))
+    plain = matmuls(make_train_step(layout, tx, schedule, CausalLM()))
+    # The base's q, k, v, o, gate, up, down and LM-head weight gradients are not computed (8 matmuls).
+    assert plain - stopped == 8, (plain, stopped)
