@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from flaxpod.model.errors import ConfigError
@@ -23,6 +23,44 @@ Family = Literal["gpt2", "llama"]
 # another rule would change the shape of every existing llama run (resume, evaluate and export would
 # fail). Models with other widths set d_ff (configs/llama_*.yaml do).
 LLAMA_FF_MULTIPLE = 64
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
+LORA_FULL_GROUPS = ("norms", "embed", "head")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA adapter rank r; 0: no adapters (full finetuning, the model unchanged)."""
+    alpha: float = 16.0
+    """LoRA scale numerator: the update is (alpha / rank) * x A B, as in the LoRA paper and PEFT."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (training only)."""
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    """Projections that get adapters: any of q, k, v, o (attention), up, gate, down (MLP)."""
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    """A's initialisation (B starts at zero): `kaiming` uniform as PEFT's default, or `gaussian` (std 1/rank)."""
+    train_fully: list[str] = field(default_factory=list)
+    """Besides the adapters (and a classification head), groups trained in full: `norms`, `embed`, `head`."""
+
+    def __post_init__(self) -> None:
+        if self.init not in ("kaiming", "gaussian"):
+            raise ConfigError(f"lora.init: expected one of ['kaiming', 'gaussian'], got {self.init!r}")
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank: must be >= 0 (0: no LoRA), got {self.rank}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or (self.rank and not self.targets):
+            raise ConfigError(f"lora.targets: expected a non-empty subset of {list(LORA_TARGETS)}, got {self.targets}")
+        bad = [g for g in self.train_fully if g not in LORA_FULL_GROUPS]
+        if bad:
+            raise ConfigError(f"lora.train_fully: expected any of {list(LORA_FULL_GROUPS)}, got {bad[0]!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: expected a rate in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 @dataclass
@@ -72,6 +110,8 @@ class ModelConfig:
     """Classes of a sequence-classification head (`finetune.task=classify` sets it from the labels); 0: none."""
     pooling: Literal["last", "mean", "first"] = "last"
     """How the classification head pools a row: `last` token (causal models), `mean` over tokens, or `first`."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters in the blocks; finetuning copies `finetune.lora` here (rank 0: none)."""
 
     def __post_init__(self) -> None:
         for name, allowed in literal_choices(type(self)).items():

@@ -16,6 +16,7 @@ from flax import nnx
 from flaxpod.model import axes as ax
 from flaxpod.model.axes import constrain
 from flaxpod.model.config import ModelConfig
+from flaxpod.model.lora import Adapters
 
 Init = Literal["normal", "ones", "zeros"]
 
@@ -113,8 +114,17 @@ class Attention(nnx.Module):
             self.o_bias = make_param(None, (d,), (ax.EMBED,), stack, init="zeros")
         else:
             self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+        shapes = {
+            "q": ((d,), (ax.EMBED,), (h, hd), (ax.HEADS, ax.HEAD_DIM)),
+            "k": ((d,), (ax.EMBED,), (kv, hd), (ax.KV_HEADS, ax.HEAD_DIM)),
+            "v": ((d,), (ax.EMBED,), (kv, hd), (ax.KV_HEADS, ax.HEAD_DIM)),
+            "o": ((h, hd), (ax.HEADS, ax.HEAD_DIM), (d,), (ax.EMBED,)),
+        }
+        self.lora = Adapters(cfg.lora, shapes, stack=stack, rngs=rngs) if cfg.lora.rank else None
 
-    def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+    def project_qkv(
+        self, x: jax.Array, positions: jax.Array, lora_key: jax.Array | None = None
+    ) -> tuple[jax.Array, ...]:
         dtype = x.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dtype))
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dtype))
@@ -123,6 +133,8 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(dtype)
             k = k + self.k_bias[...].astype(dtype)
             v = v + self.v_bias[...].astype(dtype)
+        if self.lora is not None:
+            q, k, v = (self.lora(name, x, y, lora_key) for name, y in (("q", q), ("k", k), ("v", v)))
         if self.cfg.is_llama:
             q = rope(q, positions, self.cfg.rope_theta)
             k = rope(k, positions, self.cfg.rope_theta)
@@ -146,15 +158,15 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
         return out.reshape(b, t, h, hd)
 
-    def output(self, out: jax.Array) -> jax.Array:
+    def output(self, out: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(out.dtype))
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(y.dtype)
-        return y
+        return y if self.lora is None else self.lora("o", out, y, lora_key)
 
-    def __call__(self, x, positions, mask, dropout_key=None) -> jax.Array:
-        q, k, v = self.project_qkv(x, positions)
-        return self.output(self.attend(q, k, v, mask, dropout_key))
+    def __call__(self, x, positions, mask, dropout_key=None, lora_key=None) -> jax.Array:
+        q, k, v = self.project_qkv(x, positions, lora_key)
+        return self.output(self.attend(q, k, v, mask, dropout_key), lora_key)
 
 
 class MLP(nnx.Module):
@@ -170,18 +182,24 @@ class MLP(nnx.Module):
         self.down = make_param(rngs, (d_ff, d), (ax.MLP, ax.EMBED), stack, std=out_std)
         self.up_bias = make_param(None, (d_ff,), (ax.MLP,), stack, init="zeros") if bias else None
         self.down_bias = make_param(None, (d,), (ax.EMBED,), stack, init="zeros") if bias else None
+        into, out_of = ((d,), (ax.EMBED,), (d_ff,), (ax.MLP,)), ((d_ff,), (ax.MLP,), (d,), (ax.EMBED,))
+        shapes = {"up": into, "gate": into, "down": out_of} if self.gated else {"up": into, "down": out_of}
+        self.lora = Adapters(cfg.lora, shapes, stack=stack, rngs=rngs) if cfg.lora.rank else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         dtype = x.dtype
-        h = x @ self.up[...].astype(dtype)
+        adapt = (
+            (lambda name, x_, y_: y_) if self.lora is None else (lambda name, x_, y_: self.lora(name, x_, y_, lora_key))
+        )
+        h = adapt("up", x, x @ self.up[...].astype(dtype))
         if self.up_bias is not None:
             h = h + self.up_bias[...].astype(dtype)
         if self.gated:
-            h = jax.nn.silu(x @ self.gate[...].astype(dtype)) * h
+            h = jax.nn.silu(adapt("gate", x, x @ self.gate[...].astype(dtype))) * h
         else:
             h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
         h = constrain(h, (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
         y = h @ self.down[...].astype(dtype)
         if self.down_bias is not None:
             y = y + self.down_bias[...].astype(dtype)
-        return y
+        return adapt("down", h, y)

@@ -28,9 +28,10 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, mask, key: jax.Array | None) -> jax.Array:
         keys = jax.random.split(key, 3) if key is not None else (None, None, None)
-        h = self.attn(self.attn_norm(x), positions, mask, keys[0])
+        lora_key = None if key is None else jax.random.fold_in(key, 3)  # LoRA dropout; unused without adapters
+        h = self.attn(self.attn_norm(x), positions, mask, keys[0], lora_key)
         x = x + dropout(h, self.dropout_rate, keys[1])
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), lora_key)
         x = x + dropout(h, self.dropout_rate, keys[2])
         return constrain(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 

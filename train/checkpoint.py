@@ -112,6 +112,15 @@ def _data_process_count(step_dir: epath.Path) -> int | None:
 
 
 @dataclass
+class PartialParams:
+    """A run that checkpoints only part of its parameters (LoRA: adapters and head); the rest comes from
+    elsewhere (the base run) when it is restored."""
+
+    select: Callable[[Any], Any]  # a tree like the params (of arrays, shapes or shardings) -> the saved part
+    complete: Callable[[dict], dict]  # the restored part -> all parameters, on the layout's shardings
+
+
+@dataclass
 class Restored:
     step: int
     state: TrainState
@@ -119,7 +128,7 @@ class Restored:
     run_info: dict[str, Any]
 
 
-def _restore(step_dir: epath.Path, layout: StateLayout) -> Restored:
+def _restore(step_dir: epath.Path, layout: StateLayout, partial: PartialParams | None = None) -> Restored:
     """Reads one step onto the layout's shardings (any mesh)."""
     if not (step_dir / TRAIN_STATE).exists():
         raise CheckpointError(
@@ -133,7 +142,7 @@ def _restore(step_dir: epath.Path, layout: StateLayout) -> Restored:
             f"{jax.process_count()}; resume with {saved_processes} processes (the data order depends on it)"
         )
     args: dict[str, Any] = {
-        PARAMS: ocp.args.StandardRestore(abstract(layout.shapes.params, layout.shardings.params)),
+        PARAMS: ocp.args.StandardRestore(abstract(*_saved(partial, layout.shapes.params, layout.shardings.params))),
         TRAIN_STATE: ocp.args.StandardRestore(abstract(layout.shapes.rest(), layout.shardings.rest())),
         RUN: ocp.args.JsonRestore(),
     }
@@ -141,9 +150,15 @@ def _restore(step_dir: epath.Path, layout: StateLayout) -> Restored:
         args[DATA] = grain.checkpoint.CheckpointRestore(IteratorStateBox())
     with reader() as handle:
         out = handle.restore(step_dir, args=ocp.args.Composite(**args))
-    state = TrainState(params=out[PARAMS], **out[TRAIN_STATE])
+    params = out[PARAMS] if partial is None else partial.complete(out[PARAMS])
+    state = TrainState(params=params, **out[TRAIN_STATE])
     data_state = out[DATA].state if saved_processes is not None else None
     return Restored(int(step_dir.name), state, data_state, out[RUN])
+
+
+def _saved(partial: PartialParams | None, *trees: Any) -> tuple:
+    """The checkpointed part of each of `trees` (all of them without `partial`)."""
+    return trees if partial is None else tuple(partial.select(t) for t in trees)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +181,10 @@ class Checkpointer:
         keep_every: int = 0,
         async_save: bool = True,
         run_info: dict[str, Any] | None = None,
+        partial: PartialParams | None = None,
     ):
         self.run_dir = Path(run_dir)
+        self.partial = partial
         self.directory = checkpoints_dir(run_dir)
         self.keep, self.keep_every, self.run_info = keep, keep_every, run_info or {}
         self.async_save = async_save
@@ -198,7 +215,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             self._prepare_directory()
         args: dict[str, Any] = {
-            PARAMS: ocp.args.StandardSave(state.params),
+            PARAMS: ocp.args.StandardSave(_saved(self.partial, state.params)[0]),
             TRAIN_STATE: ocp.args.StandardSave(state.rest()),
             RUN: ocp.args.JsonSave(self.run_info),
         }
@@ -296,7 +313,7 @@ class Checkpointer:
             problem = check_step(step_dir, content=True)
             if problem is None:
                 try:
-                    restored = _restore(step_dir, layout)
+                    restored = _restore(step_dir, layout, self.partial)
                 except CheckpointError:
                     raise
                 except Exception as e:  # noqa: BLE001 - a damaged step: fall back to an older one

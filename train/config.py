@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from flaxpod.model.config import ModelConfig
+from flaxpod.model.config import LoraConfig, ModelConfig
 from flaxpod.model.errors import ConfigError
 
 __all__ = ["ConfigError", "ModelConfig"]  # re-exported: config code raises it; Config holds a ModelConfig
@@ -182,6 +182,7 @@ class FinetuneConfig:
     """Validation metric to keep the best step by and stop on (e.g. `val_macro_f1`, `val_loss`); empty: none."""
     patience: int = 0
     """Evaluations without improvement of early_stop_metric before training stops; 0 never stops early."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

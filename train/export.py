@@ -6,6 +6,9 @@ safetensors (sharded with an index past --max-shard-size) and the tokenizer file
 `safetensors`: our own parameter tree, names like `blocks/attn/q`, in one model.safetensors,
 with the run's config.yaml and tokenizer beside it.
 
+A LoRA run is exported merged (each adapter folded into its base weight, W + alpha/r A B); with
+`--adapters-only` as a PEFT adapter directory instead (train/peft_export.py).
+
 The parameters are restored onto this process's first device from a checkpoint written on any
 mesh by any number of processes. Run it as a single process.
 """
@@ -22,6 +25,8 @@ import ml_dtypes
 import numpy as np
 from flaxpod.data.classify import LABELS_FILE, load_labels
 from flaxpod.data.prepare import parse_size
+from flaxpod.model.errors import InputError
+from flaxpod.model.lora import merge
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -114,8 +119,9 @@ def export_hf(
     return files
 
 
-def export_plain(params: dict, run_dir: Path, out: Path, *, dtype: str = "float32") -> list[str]:
-    """Our parameter tree as one safetensors file, with the run's config and tokenizer."""
+def export_plain(params: dict, run_dir: Path, out: Path, *, dtype: str = "float32", cfg=None) -> list[str]:
+    """Our parameter tree as one safetensors file, with the run's config (or `cfg`, a merged LoRA run's) and
+    tokenizer."""
     from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
 
@@ -123,7 +129,12 @@ def export_plain(params: dict, run_dir: Path, out: Path, *, dtype: str = "float3
     flat = flatten_dict(params, sep="/")  # names like blocks/attn/q
     tensors = {k: np.ascontiguousarray(np.asarray(v).astype(DTYPES[dtype])) for k, v in flat.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "flaxpod"})
-    shutil.copy(run_dir / "config.yaml", out / "config.yaml")
+    if cfg is None:
+        shutil.copy(run_dir / "config.yaml", out / "config.yaml")
+    else:
+        from flaxpod.train.config import save_config
+
+        save_config(cfg, out / "config.yaml")
     shutil.copytree(run_dir / "tokenizer", out / "tokenizer")
     files = ["model.safetensors", "config.yaml", "tokenizer/"]
     if (run_dir / LABELS_FILE).is_file():  # a classification run: the head's classes, in order
@@ -140,8 +151,9 @@ def run_export(
     dtype: str = "float32",
     step: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    adapters_only: bool = False,
 ) -> list[str]:
-    """Restores a run's parameters (latest or `step`) and exports them."""
+    """Restores a run's parameters (latest or `step`) and exports them (a LoRA run merged, or its adapters)."""
     from flaxpod.train.run_dir import host_params, load_run, single_device_mesh
 
     if fmt not in ("hf", "safetensors"):
@@ -155,15 +167,38 @@ def run_export(
     run = load_run(run_dir, step, mesh=single_device_mesh())
     params = host_params(run.params)
     out = Path(out)
+    cfg, merged = run.cfg, None
+    if adapters_only:
+        if not cfg.model.lora.rank:
+            raise InputError(f"--adapters-only: {run_dir} is not a LoRA run (finetune.lora.rank is 0)")
+        from flaxpod.train.lora_run import check_base
+        from flaxpod.train.peft_export import export_adapters
+
+        base = check_base(Path(run_dir), cfg)["run_dir"]
+        _prepare_out(out)
+        files = export_adapters(params, cfg, out, base)
+        print(f"exported the LoRA adapters of step {run.step} of {run_dir} (base {base}) to {out}: {', '.join(files)}")
+        return files
+    if cfg.model.lora.rank:
+        params, cfg = merge(params, cfg.model.lora), without_lora(cfg)
+        merged = cfg
     if fmt == "hf":
         labels = load_labels(Path(run_dir) / LABELS_FILE) if run.cfg.model.num_labels else None
-        files = export_hf(
-            params, run.cfg, run.tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes, labels=labels
-        )
+        files = export_hf(params, cfg, run.tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes, labels=labels)
     else:
-        files = export_plain(params, Path(run_dir), out, dtype=dtype)
+        files = export_plain(params, Path(run_dir), out, dtype=dtype, cfg=merged)
     print(f"exported step {run.step} of {run_dir} ({run.cfg.model.family}, {dtype}) to {out}: {', '.join(files)}")
     return files
+
+
+def without_lora(cfg):
+    """A merged LoRA run's config: the plain model (no adapters)."""
+    import dataclasses
+
+    from flaxpod.model.config import LoraConfig
+
+    model = dataclasses.replace(cfg.model, lora=LoraConfig())
+    return dataclasses.replace(cfg, model=model, finetune=dataclasses.replace(cfg.finetune, lora=LoraConfig()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,11 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     shard_help = "largest safetensors file, e.g. 5GB (hf format)"
     parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help=shard_help)
+    parser.add_argument(
+        "--adapters-only", action="store_true", help="a LoRA run: write a PEFT adapter directory, not merged weights"
+    )
     args = parser.parse_args(argv)
 
     from flaxpod.train.cli import run_guarded
 
     options = {"fmt": args.format, "dtype": args.dtype, "step": args.step, "max_shard_bytes": args.max_shard_size}
+    options["adapters_only"] = args.adapters_only
     return run_guarded(lambda: run_export(args.run_dir, args.out, **options))
 
 

@@ -33,7 +33,9 @@ from flaxpod.train.config import Config, check_against_devices, to_dict
 from flaxpod.train.data_source import RunData, load_run_data
 from flaxpod.train.early_stopping import EarlyStopping
 from flaxpod.train.loop import check_resume_compatible, check_run_dir, describe, fit, log
+from flaxpod.train.lora_run import is_lora, partial_params, record_base
 from flaxpod.train.objectives import CausalLM, Classify, class_logits
+from flaxpod.train.optimizer import make_optimizer, trainable_mask
 from flaxpod.train.run_dir import load_run_config, load_run_tokenizer, param_target, restore_params
 from flaxpod.train.run_lock import hold_run_dir
 from flaxpod.train.state import TrainState
@@ -87,6 +89,9 @@ def resolve_config(cfg: Config, base: Base, explicit: set[str]) -> Config:
     model = dataclasses.replace(base_model, **{"max_seq_len": base_model.max_len, **changes})
     if model.seq_len > model.max_seq_len:
         raise ConfigError(f"model.seq_len: {model.seq_len} exceeds the base's model.max_seq_len={model.max_seq_len}")
+    if base_model.lora.rank:
+        raise ConfigError(f"finetune.base: {base.run_dir} is a LoRA run; export it merged and finetune the export")
+    model = dataclasses.replace(model, lora=cfg.finetune.lora)
     finetune = dataclasses.replace(cfg.finetune, base=str(base.run_dir), base_step=base.step)
     return dataclasses.replace(cfg, model=model, tokenizer=base.cfg.tokenizer, finetune=finetune)
 
@@ -112,9 +117,14 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
 
     # Inputs are valid: the run directory is written under its lock (`fit` writes config.yaml and the
     # tokenizer once the run restores; the task's own files are written here).
+    partial = None
+    if is_lora(cfg):
+        shapes, shardings = trainer.layout.shapes.params, trainer.layout.param_shardings
+        partial = partial_params(cfg, run_dir, shapes, shardings, trainer.mesh)
     log(f"base: {base.run_dir} step {base.step} ({cfg.finetune.init} weights); task {cfg.finetune.task}")
     log(f"data: {task.data.description}")
     describe(trainer, cfg)
+    log_trainable(trainer, cfg)
 
     def init() -> TrainState:
         if cfg.finetune.init == "random":
@@ -126,6 +136,8 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
     with hold_run_dir(cfg.run_dir):
         if jax.process_index() == 0:
             task.write(run_dir)
+        if partial is not None:
+            record_base(run_dir, cfg)  # the base this run's adapters belong to (checked if it exists)
         return fit(
             cfg,
             trainer,
@@ -134,7 +146,29 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
             init=init,
             validate=task.validator(trainer),
             early_stopping=early,
+            partial=partial,
         )
+
+
+def log_trainable(trainer: Trainer, cfg: Config) -> None:
+    """Trainable parameters and optimizer-state bytes, and what full finetuning's would be (from shapes)."""
+    shapes = trainer.layout.shapes
+    mask = trainable_mask(shapes.params, cfg.finetune.freeze, cfg.model.lora)
+    trainable = sum(s.size for s, t in zip(jax.tree.leaves(shapes.params), jax.tree.leaves(mask), strict=True) if t)
+    full_tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    full_state = jax.eval_shape(full_tx.init, shapes.params)
+    what = (
+        f"LoRA rank {cfg.model.lora.rank} on {','.join(cfg.model.lora.targets)}" if cfg.model.lora.rank else "this run"
+    )
+    log(
+        f"trainable parameters: {trainable:,} of {sum(s.size for s in jax.tree.leaves(shapes.params)):,}; optimizer "
+        f"state {tree_bytes(shapes.opt_state) / 2**20:,.2f} MiB ({what}) vs {tree_bytes(full_state) / 2**20:,.2f} MiB "
+        f"for full finetuning"
+    )
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import jax
 import yaml
 from flaxpod.data.tokenizer import Tokenizer, has_tokenizer
 from flaxpod.sharding.mesh import sharding_table
-from flaxpod.train.checkpoint import Checkpointer, make_run_info
+from flaxpod.train.checkpoint import Checkpointer, PartialParams, make_run_info
 from flaxpod.train.config import Config, ConfigError, check_against_devices, config_from_dict, save_config, to_dict
 from flaxpod.train.data_source import RunData, load_run_data
 from flaxpod.train.early_stopping import EarlyStopping
@@ -159,6 +159,7 @@ def fit(
     init: Callable[[], TrainState] | None = None,
     validate: Callable[[dict], dict[str, float]] | None = None,
     early_stopping: EarlyStopping | None = None,
+    partial: PartialParams | None = None,
 ) -> dict[str, Any]:
     """Trains `trainer` on `data` to cfg.train.steps, resuming from the run's latest checkpoint.
 
@@ -169,10 +170,13 @@ def fit(
     init: the state of a new run (default: fresh parameters from cfg.seed). validate: params ->
     validation metrics (default: the objective's metrics on data.eval_batches, named val_*).
     early_stopping: checkpoints each new best step, keeps it whatever the retention policy, and ends
-    the run once its patience is spent. Returns the last logged metrics.
+    the run once its patience is spent. partial: checkpoint only part of the parameters (LoRA).
+    Returns the last logged metrics.
     """
     with hold_run_dir(cfg.run_dir):
-        return _fit(cfg, trainer, data, run_info, init=init, validate=validate, early_stopping=early_stopping)
+        return _fit(
+            cfg, trainer, data, run_info, init=init, validate=validate, early_stopping=early_stopping, partial=partial
+        )
 
 
 def _fit(
@@ -184,6 +188,7 @@ def _fit(
     init: Callable[[], TrainState] | None,
     validate: Callable[[dict], dict[str, float]] | None,
     early_stopping: EarlyStopping | None,
+    partial: PartialParams | None = None,
 ) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
@@ -194,6 +199,7 @@ def _fit(
         keep_every=cfg.checkpoint.keep_every,
         async_save=cfg.checkpoint.async_save,
         run_info=run_info,
+        partial=partial,
     )
     checkpointer.remove_partial_saves()
     if early_stopping is not None and early_stopping.best_step is not None:

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import optax
+from flaxpod.model.config import LoraConfig
+from flaxpod.model.lora import ADAPTERS
 from flaxpod.train.config import ConfigError, OptimConfig
 
 
@@ -53,16 +55,38 @@ def param_groups(params) -> dict:
     return jax.tree_util.tree_map_with_path(lambda path, _: PARAM_GROUPS[path[0].key], params)
 
 
+def trainable_mask(params, frozen: Sequence[str] = (), lora: LoraConfig | None = None):
+    """A tree like `params` of Python bools: True where the parameter trains. Without LoRA every group
+    not in `frozen` trains; with LoRA (rank > 0) only the adapters, the task head and the groups of
+    `lora.train_fully` (`norms`: every norm's scale and bias; `embed`; `head`: lm_head and final_norm) do."""
+    frozen = set(frozen)
+    use_lora = lora is not None and lora.rank > 0
+
+    def trains(path, _) -> bool:
+        keys = [str(getattr(k, "key", k)) for k in path]
+        group = PARAM_GROUPS[keys[0]]
+        if group in frozen:
+            return False
+        if not use_lora or ADAPTERS in keys or group == "task_head":
+            return True
+        full = set(lora.train_fully)
+        return group in full or ("norms" in full and any(k.endswith("norm") for k in keys))
+
+    return jax.tree_util.tree_map_with_path(trains, params)
+
+
 def make_optimizer(
     optim: OptimConfig,
     total_steps: int,
     *,
     lr_mult: Mapping[str, float] | None = None,
     frozen: Sequence[str] = (),
+    lora: LoraConfig | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (decay mask, schedule) after global-norm clipping. With `lr_mult` or `frozen` (finetuning),
     each parameter group gets its learning rate scaled, and frozen groups get no update and no
-    optimizer state; the clipping norm then counts only the trained parameters."""
+    optimizer state; the clipping norm then counts only the trained parameters. With `lora` (rank > 0)
+    the base weights are frozen the same way and only `trainable_mask`'s parameters train."""
     schedule = make_schedule(optim, total_steps)
 
     def adamw(scale: float = 1.0) -> optax.GradientTransformation:
@@ -84,10 +108,10 @@ def make_optimizer(
         groups = sorted(set(PARAM_GROUPS.values()) - frozen)
         update = optax.multi_transform({g: adamw(lr_mult.get(g, 1.0)) for g in groups}, param_groups)
     clipped = optax.chain(optax.clip_by_global_norm(optim.grad_clip), update) if optim.grad_clip > 0 else update
-    if not frozen:
+    if not frozen and not (lora is not None and lora.rank > 0):
         return clipped, schedule
 
     def train_or_frozen(params):
-        return jax.tree.map(lambda g: FROZEN if g in frozen else "train", param_groups(params))
+        return jax.tree.map(lambda t: "train" if t else FROZEN, trainable_mask(params, frozen, lora))
 
     return optax.multi_transform({"train": clipped, FROZEN: optax.set_to_zero()}, train_or_frozen), schedule

@@ -216,7 +216,12 @@ def restore_params(
         if not _is_abstract_tree(target):  # a Mesh or None: the shapes come from the step's own config
             if not (step_dir / RUN).exists():
                 raise CheckpointError(f"{step_dir}: has no run item (config); pass a StateLayout or abstract target")
-            step_target = param_target(config_from_dict(_read_run_item(step_dir)["config"]), target)
+            cfg = config_from_dict(_read_run_item(step_dir)["config"])
+            step_target = param_target(cfg, target)
+            if cfg.model.lora.rank:  # what a LoRA checkpoint holds: adapters and head (load_run adds the base)
+                from flaxpod.train.lora_run import saved_part
+
+                step_target = saved_part(cfg, step_target)
         with reader() as handle:
             out = handle.restore(step_dir, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(step_target)}))
         return out[PARAMS]
@@ -234,9 +239,22 @@ def load_run(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = N
         step = best.step
     tokenizer = load_run_tokenizer(run_dir, cfg)
     mesh = mesh if mesh is not None else default_mesh(cfg)
-    params, step = restore_params(run_dir, step, param_target(cfg, mesh))
+    target = param_target(cfg, mesh)
+    partial = None
+    if cfg.model.lora.rank:  # a LoRA run: its checkpoints hold the adapters; the rest is the base's
+        from flaxpod.train.lora_run import partial_params
+
+        partial = partial_params(cfg, run_dir, *_shapes_and_shardings(target), mesh)
+        target = partial.select(target)
+    params, step = restore_params(run_dir, step, target)
+    if partial is not None:
+        params = partial.complete(params)
     graphdef, _ = abstract_model(cfg.model)
     return LoadedRun(run_dir, cfg, tokenizer, graphdef, params, step, mesh)
+
+
+def _shapes_and_shardings(target: dict) -> tuple[dict, dict]:
+    return target, jax.tree.map(lambda s: s.sharding, target)
 
 
 def host_params(params: dict) -> dict:

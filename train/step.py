@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +26,15 @@ def make_train_step(
     *,
     grad_accum: int = 1,
     dropout: bool = False,
+    frozen: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """`frozen`: a tree like the params of Python bools; frozen leaves are wrapped in stop_gradient, so
+    autodiff computes no weight gradient for them (their gradient is a zero the optimizer ignores)."""
     graphdef = layout.graphdef
 
     def micro_loss(params, micro: Batch, total_weight, key):
+        if frozen is not None:
+            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
         loss_sum, sums = objective.loss_sums(nnx.merge(graphdef, params), micro, key)
         return loss_sum / total_weight, sums
 

@@ -17,7 +17,7 @@ from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
 from flaxpod.sharding.rules import Rules, activation_resolver, make_rules
 from flaxpod.train.config import Config, ModelConfig, check_against_devices
 from flaxpod.train.objectives import Batch, CausalLM, Objective
-from flaxpod.train.optimizer import make_optimizer
+from flaxpod.train.optimizer import make_optimizer, trainable_mask
 from flaxpod.train.state import StateLayout, TrainState, compile_once, fresh_state, init_params, make_layout
 from flaxpod.train.step import make_eval_step, make_train_step
 from jax.sharding import Mesh, NamedSharding
@@ -40,13 +40,17 @@ class Trainer:
         objective: Objective,
         *,
         grad_accum: int = 1,
+        trainable: Callable[[dict], Any] | None = None,
     ):
         self.model, self.mesh, self.rules = model, mesh, rules
         self.tx, self.schedule, self.objective = tx, schedule, objective
         self.layout: StateLayout = make_layout(model, tx, mesh, rules)
         self.batch_sharding: NamedSharding = batch_sharding(mesh, rules)
+        # LoRA's frozen base gets no weight gradient computed: the step stops it.
+        frozen_mask = None if trainable is None else jax.tree.map(lambda t: not t, trainable(self.layout.shapes.params))
+        dropout = model.dropout > 0 or (model.lora.rank > 0 and model.lora.dropout > 0)
         train_step = make_train_step(
-            self.layout, tx, schedule, objective, grad_accum=grad_accum, dropout=model.dropout > 0
+            self.layout, tx, schedule, objective, grad_accum=grad_accum, dropout=dropout, frozen=frozen_mask
         )
         self.step = jax.jit(
             _with_activation_sharding(train_step, activation_resolver(mesh, rules)),
@@ -59,12 +63,17 @@ class Trainer:
     @classmethod
     def from_config(cls, cfg: Config, objective: Objective | None = None, *, devices: list | None = None) -> Trainer:
         """The trainer a run config asks for (mesh over all devices, or `devices`)."""
+        frozen, lora = cfg.finetune.freeze, cfg.model.lora
         tx, schedule = make_optimizer(
-            cfg.optim, cfg.train.steps, lr_mult=cfg.finetune.lr_mult, frozen=cfg.finetune.freeze
+            cfg.optim, cfg.train.steps, lr_mult=cfg.finetune.lr_mult, frozen=frozen, lora=lora
         )
         objective = objective if objective is not None else CausalLM(cfg.optim.z_loss)
         mesh, rules = mesh_from_config(cfg, devices), make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
-        return cls(cfg.model, mesh, rules, tx, schedule, objective, grad_accum=cfg.train.grad_accum)
+        # LoRA only: a plain finetune.freeze run keeps its former step (and logged grad_norm) exactly.
+        trainable = (lambda params: trainable_mask(params, frozen, lora)) if lora.rank else None
+        return cls(
+            cfg.model, mesh, rules, tx, schedule, objective, grad_accum=cfg.train.grad_accum, trainable=trainable
+        )
 
     # -- state
 
@@ -74,13 +83,12 @@ class Trainer:
         return compile_once(lambda: fresh_state(init_params(self.model, seed), self.tx, seed), self.layout.shardings)
 
     def state_from_params(self, params: dict, seed: int) -> TrainState:
-        """A fresh optimizer state around `params`, which may lack some top-level entries (a new task
-        head): those are initialised as `init_state(seed)` would (the rest of its random
+        """A fresh optimizer state around `params`, which may lack some entries (a new task head, LoRA
+        adapters): those are initialised as `init_state(seed)` would (the rest of its random
         initialisation is dead code that XLA removes)."""
 
         def build(given: dict) -> TrainState:
-            fresh = init_params(self.model, seed)
-            return fresh_state({name: given.get(name, value) for name, value in fresh.items()}, self.tx, seed)
+            return fresh_state(_fill(given, init_params(self.model, seed)), self.tx, seed)
 
         unknown = sorted(set(params) - set(self.layout.shapes.params))
         if unknown:
@@ -115,6 +123,11 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + float(value)
             weight += float(w)
         return {name: value / max(weight, 1.0) for name, value in totals.items()}
+
+
+def _fill(given: dict, fresh: dict) -> dict:
+    """`fresh` with every entry that `given` has replaced by `given`'s, recursively."""
+    return {k: (_fill(given[k], v) if isinstance(v, dict) else given[k]) if k in given else v for k, v in fresh.items()}
 
 
 def mesh_from_config(cfg: Config, devices: list | None = None) -> Mesh:
