@@ -72,6 +72,8 @@ class ModelConfig:
     """Classes of a sequence-classification head (`finetune.task=classify` sets it from the labels); 0: none."""
     pooling: Literal["last", "mean", "first"] = "last"
     """How the classification head pools a row: `last` token (causal models), `mean` over tokens, or `first`."""
+    bidirectional: bool = False
+    """Attention sees the whole document, not only the past (masked-LM encoders); train.objective=mlm sets it."""
 
     def __post_init__(self) -> None:
         for name, allowed in literal_choices(type(self)).items():
