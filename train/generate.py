@@ -120,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     from flaxpod.train.cli import run_guarded
 
     def job() -> None:
-        from flaxpod.train.run_dir import load_run
+        from flaxpod.model.errors import InputError
+        from flaxpod.train.run_dir import load_run, load_run_config
 
+        if load_run_config(args.run_dir).train.objective == "mlm":
+            raise InputError(f"{args.run_dir}: a masked-LM encoder does not generate text; use flaxpod fill-mask")
         prompts = read_prompts(args.prompt, args.prompts_file)
         if args.batch_size <= 0:
             raise ValueError(f"--batch-size: expected a positive count, got {args.batch_size}")
