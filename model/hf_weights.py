@@ -183,10 +183,13 @@ def model_config_from_hf(config: dict, where: str) -> ModelConfig:
     """Our ModelConfig for a Hugging Face config.json; anything we cannot run exactly is refused."""
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
+    encoder = model_type == "eurobert" and (not archs or archs[0] == ENCODER_ARCH)
+    if encoder:  # EuroBERT is the llama family with bidirectional attention (see ENCODER_ARCH)
+        model_type, archs = "llama", [LLAMA_ARCH]
     if model_type not in SUPPORTED or (archs and archs[0] not in SUPPORTED.values()):
         raise ValueError(
             f"{where}: unsupported architecture {archs[0] if archs else model_type!r} (model_type={model_type!r}); "
-            f"supported: {', '.join(SUPPORTED.values())}"
+            f"supported: {', '.join([*SUPPORTED.values(), ENCODER_ARCH])}"
         )
     tie = bool(config.get("tie_word_embeddings", model_type == "gpt2"))
     if model_type == "gpt2":
@@ -243,6 +246,7 @@ def model_config_from_hf(config: dict, where: str) -> ModelConfig:
         tie_embeddings=tie,
         rope_theta=_rope_theta(config, where),
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        bidirectional=encoder,
     )
 
 
