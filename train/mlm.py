@@ -88,10 +88,12 @@ class MaskedLM:
 
 
 def with_objective_model(cfg: Config) -> Config:
-    """The config with the model the objective needs: bidirectional attention for mlm."""
+    """The config with the model the objective needs: bidirectional attention for mlm, and classification
+    pooling `mean` instead of the causal default `last` (an encoder's last token is no summary of the row)."""
     if cfg.train.objective != "mlm" or cfg.model.bidirectional:
         return cfg
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, bidirectional=True))
+    pooling = "mean" if cfg.model.pooling == "last" else cfg.model.pooling
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, bidirectional=True, pooling=pooling))
 
 
 def pretraining_objective(cfg: Config, tokenizer: Tokenizer) -> Objective:
