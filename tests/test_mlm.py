@@ -18,7 +18,7 @@ from flaxpod.model.transformer import Transformer
 from flaxpod.train.config import Config, MlmConfig, TrainConfig
 from flaxpod.train.mlm import MaskedLM, mask_token_id, special_token_ids
 
-from tests.helpers import run_cli, tiny_overrides, write_corpus
+from tests.helpers import REPO, run_cli, tiny_overrides, write_corpus
 
 
 def test_bidirectional_mask_keeps_documents_apart():
@@ -124,9 +124,9 @@ def test_config_choices():
 def test_mlm_pretrain_evaluate_fill_mask_end_to_end(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", 60_000)
     run_dir = tmp_path / "run"
-    args = tiny_overrides(run_dir, corpus, **{"tokenizer.kind": "sentencepiece", "tokenizer.vocab_size": 200})
+    args = tiny_overrides(run_dir, corpus, **{"tokenizer.kind": "sentencepiece", "tokenizer.vocab_size": 400})
     args += ["model.family=llama", "train.objective=mlm", "train.steps=30", "train.eval_every=30", "optim.lr=3e-3"]
-    done = run_cli(["pretrain", *args])
+    done = run_cli(["pretrain", str(REPO / "configs" / "tiny.yaml"), *args])
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "accuracy" in r]
