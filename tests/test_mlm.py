@@ -145,3 +145,13 @@ def test_mlm_pretrain_evaluate_fill_mask_end_to_end(tmp_path):
     assert fill.returncode == 0 and fill.stdout.count("[MASK] 1:") == 1, fill.stderr[-2000:]
     gen = run_cli(["generate", str(run_dir), "--prompt", "The"], devices=1)
     assert gen.returncode == 2 and gen.stderr.strip().count("\n") == 0 and "fill-mask" in gen.stderr
+
+
+def test_mlm_makes_the_model_bidirectional_and_pools_mean():
+    from flaxpod.train.mlm import with_objective_model
+
+    cfg = with_objective_model(Config(train=TrainConfig(objective="mlm")))
+    assert cfg.model.bidirectional and cfg.model.pooling == "mean"
+    first = with_objective_model(Config(train=TrainConfig(objective="mlm"), model=ModelConfig(pooling="first")))
+    assert first.model.pooling == "first"
+    assert with_objective_model(Config()).model == ModelConfig()
