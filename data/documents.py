@@ -103,7 +103,7 @@ def input_files(specs: Sequence[str]) -> list[Path]:
     seen: set[Path] = set()
     files: list[Path] = []
     for spec in specs:
-        for path in resolve_text_paths(spec):
+        for path in resolve_text_paths(spec, what="input"):
             key = path.resolve()
             if key not in seen:
                 seen.add(key)

@@ -33,12 +33,11 @@ no escaping. Bad input raises `InputError` with one line naming the file, line a
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
+from flaxpod.data.jsonl import read_jsonl
 from flaxpod.model.errors import ConfigError, InputError
 
 ROLES = ("system", "user", "assistant")
@@ -203,37 +202,11 @@ def _prompt_response_segments(record: dict, fmt: SFTFormat, where: str) -> list[
     return [_merged([Segment(fmt.prompt_template.replace("{prompt}", p), False), Segment(r, True)]) for p, r in pairs]
 
 
-def _records(path: str | os.PathLike):
-    """(line number, parsed object) for each non-blank line of a JSONL file."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such file")
-    seen = False
-    with p.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{p}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            seen = True
-            yield lineno, record
-    if not seen:
-        raise InputError(f"{p}: empty file: no JSON lines")
-
-
 def load_sft_examples(path: str | os.PathLike, fmt: SFTFormat | None = None) -> list[Example]:
     """Every example of a JSONL file, in file order (instances expanded in their order)."""
     fmt = fmt or SFTFormat()
     examples = []
-    for lineno, record in _records(path):
+    for lineno, record in read_jsonl(path):
         where = f"{path}:{lineno}"
         if fmt.messages_field in record:
             examples.append(Example(_chat_segments(record[fmt.messages_field], fmt, where), str(path), lineno))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,18 +68,44 @@ def default_corpus_paths(max_bytes: int = 4_000_000) -> list[Path]:
     return paths
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _flaxpod_output(directory: Path) -> str | None:
+    """What flaxpod wrote `directory` as, if it did: its checkpoints, metrics and token shards are
+    not text, and a run directory inside the data would be read back as training text on resume."""
+    if (directory / "config.yaml").is_file() and any(
+        (directory / name).exists() for name in ("checkpoints", "metrics.jsonl", "tokenizer")
+    ):
+        return "a flaxpod run directory"
+    if (directory / "metadata.json").is_file() and (directory / "tokenizer").is_dir():
+        return "a prepared dataset"
+    return None
 
 
-def _resolve_one(spec: str) -> list[Path]:
+def _walk_text_dir(root: Path, what: str) -> list[Path]:
+    """Every file below root, sorted, leaving out hidden names and any flaxpod run directory or
+    prepared dataset met on the way (said on stderr)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        kept = []
+        for name in sorted(dirnames):
+            found = None if name.startswith(".") else _flaxpod_output(here / name)
+            if found:
+                print(f"note: {what}: skipping {here / name}: {found}, not text", file=sys.stderr, flush=True)
+            elif not name.startswith("."):
+                kept.append(name)
+        dirnames[:] = kept
+        files += [here / f for f in filenames if not f.startswith(".")]
+    return sorted(files)
+
+
+def _resolve_one(spec: str, what: str) -> list[Path]:
     if spec == DEFAULT_CORPUS:
         return default_corpus_paths()
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p, path))
+        return _walk_text_dir(path, what)
     if _GLOB_CHARS.search(spec):
         # glob skips hidden names unless the pattern spells the dot out.
         matches = glob.glob(os.path.expanduser(spec), recursive=True)
@@ -86,20 +113,21 @@ def _resolve_one(spec: str) -> list[Path]:
     return []
 
 
-def resolve_text_paths(spec: str | Sequence[str]) -> list[Path]:
+def resolve_text_paths(spec: str | Sequence[str], what: str = "data.path") -> list[Path]:
     """Files named by one spec or several: a file, a directory (recursive), or a glob.
 
     Each spec's files are sorted; specs keep their order and duplicates are dropped.
-    `DEFAULT_CORPUS` ("stdlib") stands for `default_corpus_paths()`.
+    `DEFAULT_CORPUS` ("stdlib") stands for `default_corpus_paths()`. `what` names the option
+    in messages (`data.path`, `--text`, `input`).
     """
     specs = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
     if not specs:
-        raise ValueError("data.path: no path given")
+        raise ValueError(f"{what}: no path given")
     out: dict[Path, None] = {}
     for s in specs:
-        found = _resolve_one(os.fspath(s))
+        found = _resolve_one(os.fspath(s), what)
         if not found:
-            raise FileNotFoundError(f"data.path: no files match {os.fspath(s)!r}")
+            raise FileNotFoundError(f"{what}: no files match {os.fspath(s)!r}")
         out.update(dict.fromkeys(found))
     return list(out)
 
@@ -117,7 +145,7 @@ def _decode(data: bytes) -> tuple[str, int]:
         return text, replaced
 
 
-def read_corpus(paths: Sequence[str | Path]) -> Corpus:
+def read_corpus(paths: Sequence[str | Path], what: str = "data.path") -> Corpus:
     """Read files as UTF-8 documents (bad bytes replaced, CRLF -> LF, empty files skipped)."""
     paths = [Path(p) for p in paths]
     documents, kept, replaced, total = [], [], 0, 0
@@ -132,5 +160,5 @@ def read_corpus(paths: Sequence[str | Path]) -> Corpus:
         replaced += bad
     if not documents:
         where = os.path.commonpath([p.absolute() for p in paths]) if paths else ""
-        raise ValueError(f"data.path: corpus '{where}' is empty ({len(paths)} files, 0 bytes)")
+        raise ValueError(f"{what}: corpus '{where}' is empty ({len(paths)} files, 0 bytes)")
     return Corpus(documents=documents, paths=kept, replaced_bytes=replaced, total_bytes=total)

@@ -31,7 +31,7 @@ class Sampling:
     top_p: float = 1.0  # 1.0: no nucleus cut
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also refuses NaN
             raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k: expected >= 0, got {self.top_k}")

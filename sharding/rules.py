@@ -7,11 +7,13 @@ unsplit (and shown so in the start-up table) instead of failing, so small models
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from flaxpod.model import axes as ax
+from flaxpod.model.errors import ConfigError
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = dict[str, tuple[str, ...]]
@@ -35,19 +37,33 @@ PRESETS: dict[str, Rules] = {
 }
 
 
+LOGICAL_AXES = (
+    ax.LAYERS, ax.VOCAB, ax.EMBED, ax.MLP, ax.HEADS, ax.KV_HEADS, ax.HEAD_DIM, ax.NORM, ax.POSITION,
+    ax.BATCH, ax.LENGTH, ax.ACT_EMBED, ax.ACT_HEADS, ax.ACT_KV_HEADS, ax.ACT_MLP, ax.ACT_VOCAB,
+)  # fmt: skip
+
+
 def make_rules(preset: str, overrides: Mapping[str, Any] | None = None) -> Rules:
     """The preset's table with `overrides` applied (a value of None or [] unshards that axis)."""
     if preset not in PRESETS:
-        raise ValueError(f"mesh.rules: expected one of {sorted(PRESETS)}, got {preset!r}")
+        raise ConfigError(f"mesh.rules: expected one of {sorted(PRESETS)}, got {preset!r}")
     rules = dict(PRESETS[preset])
     for name, value in (overrides or {}).items():
+        if name not in LOGICAL_AXES:  # a typo would silently leave the axis as the preset has it
+            close = difflib.get_close_matches(str(name), LOGICAL_AXES, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(LOGICAL_AXES)}"
+            raise ConfigError(f"mesh.rule_overrides.{name}: unknown logical axis{hint}")
         if value is None:
             rules.pop(name, None)
         else:
+            if not isinstance(value, str | list | tuple) or not all(isinstance(a, str) for a in value):
+                raise ConfigError(
+                    f"mesh.rule_overrides.{name}: expected a mesh axis name, a list of them or null, got {value!r}"
+                )
             axes = (value,) if isinstance(value, str) else tuple(value)
             for axis in axes:
                 if axis not in ("data", "fsdp", "tensor"):
-                    raise ValueError(
+                    raise ConfigError(
                         f"mesh.rule_overrides.{name}: unknown mesh axis {axis!r} (expected data, fsdp or tensor)"
                     )
             rules[name] = axes

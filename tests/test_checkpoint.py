@@ -3,6 +3,7 @@ fallback, explicit-step errors, retention, params-only restore, failed writes.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from etils import epath
 from flaxpod.data.tokenizer import CharTokenizer
+from flaxpod.model.errors import InputError
 from flaxpod.sharding.mesh import build_mesh
 from flaxpod.train.checkpoint import Checkpointer, CheckpointWriteError, make_run_info
 from flaxpod.train.checkpoint_files import (
@@ -123,9 +125,18 @@ def _delete_item(step_dir: Path) -> None:
 
 
 def _scramble_same_size(step_dir: Path) -> None:
-    """Damage the sizes cannot show: the restore itself fails."""
+    """Damage the sizes cannot show (caught by the content hashes)."""
     path = step_dir / "params" / "_METADATA"
     path.write_bytes(b"#" * path.stat().st_size)
+
+
+def _flip_bytes(step_dir: Path) -> None:
+    """Bit rot in the array data: same size, some bytes inverted."""
+    path = _largest_file(step_dir / "params")
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize(
@@ -134,16 +145,19 @@ def _scramble_same_size(step_dir: Path) -> None:
         (_truncate, "file params/.* has .* bytes, .* were written"),
         (_no_commit, "no flaxpod_commit.json"),
         (_delete_item, "item 'train_state' is missing"),
-        (_scramble_same_size, "restore failed"),
+        (_scramble_same_size, "file params/_METADATA does not hold the bytes that were written"),
+        (_flip_bytes, "file params/.* does not hold the bytes that were written"),
     ],
 )
 def test_damaged_latest_step_falls_back_to_previous(tmp_path, sharded, capsys, damage, problem):
     t, states = sharded
     save_steps(tmp_path, t, states)
     damage(tmp_path / "checkpoints" / "3")
-    if damage is not _scramble_same_size:  # an explicit request is an error, never a fallback
-        with pytest.raises(CheckpointError, match=f"step 3 .*unusable: {problem}"):
-            restore_params(tmp_path, step=3)
+    with pytest.raises(CheckpointError, match=f"step 3 .*unusable: {problem}"):  # explicit: an error, no fallback
+        restore_params(tmp_path, step=3)
+    params, step = restore_params(tmp_path, target=t.layout)  # the readers' fallback (evaluate, export, ...)
+    assert step == 2
+    assert_bitwise_equal(params, states[1].params)
     ck = Checkpointer(tmp_path, keep=3)
     restored = ck.restore_latest(t.layout)
     ck.close()
@@ -238,5 +252,61 @@ def test_commit_file_lists_every_file(tmp_path, sharded):
     step_dir = tmp_path / "checkpoints" / "1"
     record = json.loads((step_dir / COMMIT_FILE).read_text())
     on_disk = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file() and p.name != COMMIT_FILE}
-    assert record["step"] == 1 and set(record["files"]) == on_disk
+    assert record["step"] == 1 and set(record["files"]) == on_disk == set(record["sha256"])
+    some = sorted(on_disk)[0]
+    assert record["sha256"][some] == hashlib.sha256((step_dir / some).read_bytes()).hexdigest()
     assert {"params", "train_state", "data", "run"} <= {p.split("/")[0] for p in on_disk}
+
+
+def _legacy_record(step_dir: Path) -> None:
+    """A commit record as written before content hashes: sizes only."""
+    record = json.loads((step_dir / COMMIT_FILE).read_text())
+    del record["sha256"]
+    (step_dir / COMMIT_FILE).write_text(json.dumps(record))
+
+
+def test_readers_fall_back_when_a_restore_fails(tmp_path, sharded, capsys):
+    """Damage no record can show (a record without hashes): every reader (restore_params,
+    read_run_info, so evaluate/generate/export/finetune's base) warns naming the step and falls
+    back; an explicit step says it is damaged."""
+    t, states = sharded
+    save_steps(tmp_path, t, states)
+    step_dir = tmp_path / "checkpoints" / "3"
+    _legacy_record(step_dir)
+    _scramble_same_size(step_dir)
+    params, step = restore_params(tmp_path)  # target from the checkpoint's own config
+    assert step == 2
+    assert_bitwise_equal(params, states[1].params)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint step 3" in err and "restore failed" in err, err
+    with pytest.raises(CheckpointError, match="checkpoint step 3 in .* is damaged: restore failed"):
+        restore_params(tmp_path, step=3, target=t.layout)
+    _legacy_record(tmp_path / "checkpoints" / "2")
+    _scramble_same_size(tmp_path / "checkpoints" / "2")
+    _no_commit(tmp_path / "checkpoints" / "1")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint .*\(step 3: restore failed .*; step 2: restore"):
+        restore_params(tmp_path)
+
+
+def test_only_ascii_digit_names_are_steps(tmp_path, sharded, capsys):
+    """'²' (int() refuses it) and '٣' (int() reads 3) are not steps: ignored with a warning, and
+    the real step 3 is the one found."""
+    t, states = sharded
+    save_steps(tmp_path, t, states)
+    for name in ("\u00b2", "\u0663", "notes"):
+        (tmp_path / "checkpoints" / name).mkdir()
+    assert committed_steps(tmp_path) == [1, 2, 3]
+    params, step = restore_params(tmp_path, target=t.layout)
+    assert step == 3
+    assert_bitwise_equal(params, states[2].params)
+    err = capsys.readouterr().err
+    assert all(f"checkpoints/{n}: not a checkpoint step" in err for n in ("\u00b2", "\u0663", "notes")), err
+
+
+@pytest.mark.parametrize("name", ["/tmp/evil.json", "../evil.json", "a/b.json", "..", "", None])
+def test_tokenizer_file_name_from_a_checkpoint_is_never_a_path(tmp_path, name):
+    info = json.loads(json.dumps(RUN_INFO))
+    info["tokenizer"]["filename"] = name
+    with pytest.raises(InputError, match="is not a plain file name"):
+        tokenizer_from_run_info(info)
+    assert not Path("/tmp/evil.json").exists() and not (tmp_path.parent / "evil.json").exists()

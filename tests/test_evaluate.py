@@ -130,13 +130,98 @@ def test_bad_jsonl_rows_name_the_line(tmp_path):
     good = json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0})
     for bad, message in [
         (json.dumps({"query": "q", "choices": ["a", "b"]}), r"bad.jsonl:2: missing field 'gold'"),
-        ("{not json", r"bad.jsonl:2: not valid JSON"),
+        ("{not json", r"bad.jsonl:2: invalid JSON"),
         (json.dumps({"query": "q", "choices": ["a", "b"], "gold": 2}), r"bad.jsonl:2: 'gold' must be an index"),
         (json.dumps({"query": "q", "choices": "ab", "gold": 0}), r"bad.jsonl:2: 'choices' must be a list"),
     ]:
         path.write_text(good + "\n" + bad + "\n")
         with pytest.raises(ValueError, match=message):
             read_mc_jsonl(path)
+    path.write_bytes(good.encode() + b"\n" + b'{"query": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 \(.* at byte 15 of the line\)"):
+        read_mc_jsonl(path)
+
+
+def test_results_of_a_step_are_merged_by_task(run_dir, tmp_path):
+    """A --mc-only evaluation keeps the --text figures saved for the same step; a task evaluated
+    again is replaced; the file is never half written."""
+    out = run_dir / "eval" / "step_5.json"
+    out.unlink(missing_ok=True)
+    (tmp_path / "held.txt").write_text(TEXT[:100])
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"query": "the cat", "choices": ["sat", "ran"], "gold": 0}) + "\n")
+    text = run_evaluate(run_dir, texts=[str(tmp_path / "held.txt")])["results"]["text:held.txt"]
+    run_evaluate(run_dir, mc=[str(mc)])
+    saved = json.loads(out.read_text())["results"]
+    assert set(saved) == {"text:held.txt", "mc:mc"} and saved["text:held.txt"] == text
+    (tmp_path / "held.txt").write_text(TEXT[:150])
+    again = run_evaluate(run_dir, texts=[str(tmp_path / "held.txt")])["results"]["text:held.txt"]
+    saved = json.loads(out.read_text())["results"]
+    assert saved["text:held.txt"] == again != text and "mc:mc" in saved
+    assert not list(out.parent.glob(".*tmp"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "{run}", "--mc", "{mc}", "--batch-size", "-5"], "--batch-size: expected a number >= 1, got -5"),
+        (["evaluate", "{run}", "--mc", "{mc}", "--batch-size", "0"], "--batch-size: expected a number >= 1, got 0"),
+        (["evaluate", "{run}", "--text", "{mc}", "--seq-len", "-3"], "--seq-len: expected a number >= 1"),
+        (["evaluate", "{run}", "--text", "{tmp}/missing.txt"], "--text: no files match"),
+        (
+            ["generate", "{run}", "--prompt", "a", "--temperature", "nan"],
+            "--temperature: expected a number >= 0, got nan",
+        ),
+        (["generate", "{run}", "--prompt", "a", "--top-p", "1.5"], "--top-p: expected a number > 0 and <= 1, got 1.5"),
+        (["generate", "{run}", "--prompt", "a", "--top-p", "0"], "--top-p: expected a number > 0"),
+        (["generate", "{run}", "--prompt", "a", "--top-k", "-1"], "--top-k: expected a number >= 0"),
+        (["generate", "{run}", "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens: expected a number >= 1"),
+        (["generate", "{run}", "--prompt", "a", "--batch-size", "0"], "--batch-size: expected a number >= 1"),
+        (["export", "{run}", "--out", "{tmp}/x", "--max-shard-size", "0"], "--max-shard-size: expected a number >= 1"),
+        (["export", "{run}", "--out", "{tmp}/x", "--step", "-1"], "--step: expected a number >= 0, got -1"),
+    ],
+)
+def test_numeric_options_are_checked(run_dir, tmp_path, capsys, argv, message):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"query": "the cat", "choices": ["sat", "ran"], "gold": 0}) + "\n")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    argv = [a.format(run=run_dir, mc=mc, tmp=tmp_path) for a in argv]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and message in err, err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "x").exists()
+
+
+def test_damaged_newest_step_falls_back_for_every_reader(run_dir, tmp_path, capsys):
+    """Bit rot in the newest checkpoint (same sizes): evaluate and generate warn in one line naming
+    the step and use the previous one; --step on the damaged step says so."""
+    import shutil
+
+    from flaxpod.train.run_dir import read_run_info, save_params
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    loaded = load_run(run, mesh=single_device_mesh())
+    save_params(run, 6, loaded.params, read_run_info(run)[1])
+    shard = max(
+        (p for p in (run / "checkpoints" / "6" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 32] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 32])
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli_main(["generate", str(run), "--prompt", "the", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "(step 5)" in captured.out
+    assert captured.err.count("\n") == 1 and "checkpoint step 6" in captured.err and "SHA-256 differs" in captured.err
+    assert cli_main(["evaluate", str(run), "--text", str(tmp_path / "t.txt"), "--step", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "--text: no files match" in err  # inputs are checked before the model is read
+    (tmp_path / "t.txt").write_text(TEXT[:80])
+    assert cli_main(["evaluate", str(run), "--text", str(tmp_path / "t.txt"), "--step", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "checkpoint step 6 in" in err and "is unusable: file params/" in err, err
 
 
 def test_bad_run_directories(run_dir, tmp_path, capsys):

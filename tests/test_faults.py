@@ -60,9 +60,49 @@ def test_save_now_file(tmp_path):
     (tmp_path / SAVE_NOW_FILE).touch()
     decision = control.decide(2)
     assert decision.save and not decision.stop and SAVE_NOW_FILE in decision.reason
-    control.saved()
-    assert not (tmp_path / SAVE_NOW_FILE).exists()
+    on_commit = control.saved()
+    # The file stays until the checkpoint is committed (a kill -9 before then leaves the request),
+    # and is not a new request meanwhile.
+    assert (tmp_path / SAVE_NOW_FILE).exists()
     assert not control.decide(3).save
+    on_commit()
+    assert not (tmp_path / SAVE_NOW_FILE).exists()
+    assert not control.decide(4).save
+    # A request made while a save is in flight is a new one, and survives that save's commit.
+    (tmp_path / SAVE_NOW_FILE).write_text("x")
+    on_commit = control.saved()
+    (tmp_path / SAVE_NOW_FILE).write_text("again")
+    on_commit()
+    assert (tmp_path / SAVE_NOW_FILE).exists() and control.decide(5).save
+
+
+def test_save_now_survives_a_save_that_fails(tmp_path):
+    """Checkpointer calls on_commit only after the commit record is written: a write that fails
+    leaves SAVE_NOW in place."""
+    import resource
+
+    import jax
+    from flaxpod.train.checkpoint import Checkpointer, CheckpointWriteError
+
+    from tests.tiny_setup import random_state, tiny
+
+    t = tiny()
+    control = RunControl(tmp_path, every=0, last_step=100)
+    (tmp_path / SAVE_NOW_FILE).touch()
+    assert control.decide(1).save
+    ck = Checkpointer(tmp_path, keep=2, async_save=False)
+    state = jax.device_put(random_state(t.layout, 0), t.layout.shardings)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512, hard))
+    try:
+        with pytest.raises(CheckpointWriteError):
+            ck.save(1, state, None, on_commit=control.saved())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert (tmp_path / SAVE_NOW_FILE).exists()
+    ck.save(2, jax.device_put(random_state(t.layout, 1), t.layout.shardings), None, on_commit=control.saved())
+    ck.close()
+    assert not (tmp_path / SAVE_NOW_FILE).exists()
 
 
 def test_signals_request_save_or_stop_and_handlers_are_restored(tmp_path, capsys):

@@ -330,3 +330,41 @@ def test_bad_sft_input(work, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "chat.jsonl" in err and "robot" in err, err
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_lm_task_starts_from_the_base_weights(work, tmp_path, capsys):
+    """Continued pretraining (finetune.task=lm) on text: with a zero learning rate the trained weights are
+    the base's, bit for bit (the run started from them, through the pretraining data pipeline)."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(sentences(np.random.default_rng(1), 300)))
+    run_dir = tmp_path / "lm"
+    args = sft_args(work, run_dir, "finetune.task=lm", f"data.path={text}", "data.val_path=", "train.steps=4")
+    assert cli_main([*args, "optim.lr=0", "optim.min_lr=0"]) == 0, capsys.readouterr().err
+    trained = load_run(run_dir, mesh=single_device_mesh())
+    base = load_run(work / "base", mesh=single_device_mesh())
+    for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(base.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert trained.tokenizer.fingerprint() == base.tokenizer.fingerprint()
+    assert np.isfinite(metric(run_dir, "val_loss")[4])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(work, tmp_path):
+    """Classification finetuning on 2 processes x 4 devices (through the launcher) equals 1 x 8: training
+    losses and the validation metrics gathered from both processes' predictions. Without dropout: process p
+    feeds rows p, p+2, ... of each global batch (as in pretraining), so the batch rows are in another order
+    on the mesh and dropout would draw other masks for them."""
+    from tests.helpers import run_cli
+
+    short = ["train.steps=4", "train.log_every=1", "train.eval_every=2", "model.dropout=0"]
+    short += ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    single = run_cli(classify_args(work, tmp_path / "single", *short))
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch = ["launch", "--num-processes", "2", "--devices-per-process", "4", "--", sys.executable, "-m"]
+    multi = run_cli([*launch, "flaxpod.train.cli", *classify_args(work, tmp_path / "multi", *short)])
+    assert multi.returncode == 0, (multi.stdout + multi.stderr)[-4000:]
+    assert "over 8 devices in 2 process(es)" in multi.stdout
+    for key in ("loss", "val_loss", "val_accuracy", "val_macro_f1"):
+        one, two = metric(tmp_path / "single", key), metric(tmp_path / "multi", key)
+        assert one.keys() == two.keys() and list(two.values()) == pytest.approx(list(one.values()), abs=1e-5), key

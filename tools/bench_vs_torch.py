@@ -4,15 +4,15 @@
         [key.sub=value ...] [--steps 50] [--rounds 5] [--vocab 65] [--json OUT]
         [--variant "model.scan_layers=false" ...]
 
-Both sides start from the same weights (flaxpod's initial parameters copied into PyTorch) and
-must give the same first-step loss; that is checked and printed before anything is timed. The
-flaxpod side is the real training code (make_layout / init_state / make_train_step /
-compile_train_step on a one-device mesh, as train/loop.py builds it, batches placed with
-put_batch every step); the PyTorch side is nanoGPT-style eager code with AdamW, the same
-schedule and clipping, and as many threads as usable CPUs (torch.set_num_threads). Compilation and warm-up are
-excluded; then each round times --steps steps of every side, rotating the order each round
-because these machines are noisy, and the medians over rounds are reported. `--variant` adds
-flaxpod runs with extra overrides (e.g. another attention kernel) to the same rotation.
+Both sides start from the same weights (flaxpod's initial parameters copied into PyTorch) and must
+give the same first-step loss; that is checked and printed before anything is timed. The flaxpod
+side is the real training code (the one Trainer, train/trainer.py, on a one-device mesh: its
+init_state and jitted step, batches placed with Trainer.put every step); the PyTorch side is
+nanoGPT-style eager code with AdamW, the same schedule and clipping, and as many threads as usable
+CPUs (torch.set_num_threads). Compilation and warm-up are excluded; then each round times --steps
+steps of every side, rotating the order each round because these machines are noisy, and the medians
+over rounds are reported. `--variant` adds flaxpod runs with extra overrides (e.g. another attention
+kernel) to the same rotation.
 
 MFU uses train.flops (6N + 12 L d T per token, LM head not counted) against the FLOP/s of a
 1024x1024 float32 jnp matmul measured in this process.

@@ -21,6 +21,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ from flaxpod.train.checkpoint_files import (
 )
 from flaxpod.train.faults import EXIT_CHECKPOINT_WRITE
 from flaxpod.train.state import StateLayout, TrainState
+
+# Orbax's ValueError when a checkpoint's tree differs from the restore target: a config change, not damage.
+STRUCTURE_MISMATCH = "tree structures do not match"
 
 
 class CheckpointWriteError(FlaxpodError, OSError):
@@ -177,9 +181,18 @@ class Checkpointer:
 
     # -- saving
 
-    def save(self, step: int, state: TrainState, data_state: dict | None, *, wait: bool = False) -> float:
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        data_state: dict | None,
+        *,
+        wait: bool = False,
+        on_commit: Callable[[], None] | None = None,
+    ) -> float:
         """Starts writing `step`; returns the seconds training was blocked. With `wait`, returns
-        only once the step is committed."""
+        only once the step is committed. `on_commit` is called (in the background thread) once
+        the step is committed, never if the save fails."""
         start = time.perf_counter()
         self._finish_pending()
         if jax.process_index() == 0:
@@ -196,7 +209,9 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
             raise self._write_error(step, e) from e
         self._pending_step = step
-        self._committer = threading.Thread(target=self._commit, args=(step,), name=f"commit-{step}", daemon=True)
+        self._committer = threading.Thread(
+            target=self._commit, args=(step, on_commit), name=f"commit-{step}", daemon=True
+        )
         self._committer.start()
         if wait or not self.async_save:
             self._finish_pending()
@@ -208,13 +223,15 @@ class Checkpointer:
         except OSError as e:
             raise CheckpointWriteError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
 
-    def _commit(self, step: int) -> None:
+    def _commit(self, step: int, on_commit: Callable[[], None] | None) -> None:
         """Background: wait for Orbax, write the commit file, apply retention."""
         try:
             self._writer.wait_until_finished()
             if jax.process_index() == 0:
                 write_commit(self.directory / str(step), step)
             self.committed_at = time.perf_counter()
+            if on_commit is not None:
+                on_commit()
             if jax.process_index() == 0:
                 self._apply_retention()
         except BaseException as e:  # noqa: BLE001 - surfaced in the main thread
@@ -276,13 +293,19 @@ class Checkpointer:
         restored = None
         corrupt = False
         for step, step_dir in sorted(step_dirs(self.directory).items(), reverse=True):
-            problem = check_step(step_dir)
+            problem = check_step(step_dir, content=True)
             if problem is None:
                 try:
                     restored = _restore(step_dir, layout)
                 except CheckpointError:
                     raise
                 except Exception as e:  # noqa: BLE001 - a damaged step: fall back to an older one
+                    if isinstance(e, ValueError) and STRUCTURE_MISMATCH in str(e):  # a config change, not damage
+                        raise CheckpointError(
+                            f"checkpoint step {step} in {self.directory} holds a train state of another structure "
+                            f"(written with another model or optimizer config, e.g. optim.grad_clip on/off); resume "
+                            f"with that config or choose another run_dir"
+                        ) from None
                     problem = f"restore failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
             if restored is not None:
                 break

@@ -177,7 +177,8 @@ class LoggingConfig:
 @dataclass
 class FinetuneConfig:
     task: str = "sft"
-    """`sft` (instruction/chat tuning, loss on responses only) or `classify` (sequence classification head)."""
+    """`sft` (instruction/chat tuning, loss on responses only), `classify` (sequence classification head), or
+    `lm` (continued pretraining on data.path's text or prepared datasets, loss on every token)."""
     base: str = ""
     """Run directory of the model to start from: a flaxpod pretraining run or an `import-hf` directory."""
     base_step: int = -1
@@ -224,7 +225,7 @@ CHOICES = {
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "train.nonfinite": ("skip", "stop"),
     "train.objective": ("causal", "mlm"),
-    "finetune.task": ("sft", "classify"),
+    "finetune.task": ("sft", "classify", "lm"),
     "finetune.init": ("pretrained", "random"),
 }
 
@@ -250,6 +251,8 @@ def _get(cfg: Config, dotted: str) -> Any:
 def validate(cfg: Config) -> None:
     """Single-config checks (devices and tokenizer are checked later, when they are known); the model's own
     checks ran in ModelConfig.__post_init__."""
+    if not str(cfg.run_dir).strip():
+        raise ConfigError("run_dir: must not be empty (it would write the run into the current directory)")
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {_get(cfg, key)!r}")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flaxpod.data.jsonl import read_jsonl
 from flaxpod.data.text import read_corpus, resolve_text_paths
 from flaxpod.train.cli import run_guarded
 
@@ -58,32 +59,21 @@ class Choice:
 def read_mc_jsonl(path: str | Path, limit: int | None = None) -> list[Choice]:
     """Rows {"query": str, "choices": [str, ...], "gold": int}; a bad row names its line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"multiple-choice file {path} does not exist")
     rows: list[Choice] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            for key in ("query", "choices", "gold"):
-                if key not in row:
-                    raise ValueError(f"{path}:{line_no}: missing field '{key}' (expected query, choices, gold)")
-            query, choices, gold = row["query"], row["choices"], row["gold"]
-            if not isinstance(query, str):
-                raise ValueError(f"{path}:{line_no}: 'query' must be a string, got {type(query).__name__}")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise ValueError(f"{path}:{line_no}: 'choices' must be a list of at least 2 strings")
-            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-                raise ValueError(f"{path}:{line_no}: 'gold' must be an index into choices (0..{len(choices) - 1})")
-            rows.append(Choice(query, choices, gold, f"{path}:{line_no}"))
+    for line_no, row in read_jsonl(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        for key in ("query", "choices", "gold"):
+            if key not in row:
+                raise ValueError(f"{path}:{line_no}: missing field '{key}' (expected query, choices, gold)")
+        query, choices, gold = row["query"], row["choices"], row["gold"]
+        if not isinstance(query, str):
+            raise ValueError(f"{path}:{line_no}: 'query' must be a string, got {type(query).__name__}")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{path}:{line_no}: 'choices' must be a list of at least 2 strings")
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise ValueError(f"{path}:{line_no}: 'gold' must be an index into choices (0..{len(choices) - 1})")
+        rows.append(Choice(query, choices, gold, f"{path}:{line_no}"))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -320,16 +310,20 @@ def run_evaluate(
     """Evaluates a checkpoint; returns {"step", "results": {task: metrics}} and writes it as JSON."""
     import jax
     from flaxpod.train import task_eval
+    from flaxpod.train.cli import check_option
     from flaxpod.train.run_dir import load_run
 
     if not texts and not mc and not val and not datasets and not sft and not classify:
         raise ValueError(
             "nothing to evaluate: give --text PATH, --dataset DIR, --val, --mc JSONL, --sft JSONL or --classify FILE"
         )
-    if limit is not None and limit <= 0:
-        raise ValueError(f"--limit: expected a positive count, got {limit}")
+    check_option("--limit", limit, minimum=1)
+    check_option("--batch-size", batch_size, minimum=1)
+    check_option("--seq-len", seq_len, minimum=1)
+    check_option("--step", step, minimum=0)
+    check_option("--max-new-tokens", max_new_tokens, minimum=1)
     mc_rows = {path: read_mc_jsonl(path, limit) for path in mc}  # bad rows fail before the model loads
-    corpora = {spec: read_corpus(resolve_text_paths([spec])) for spec in texts}
+    corpora = {spec: read_corpus(resolve_text_paths([spec], what="--text"), what="--text") for spec in texts}
     run = load_run(run_dir, step)
     m = run.cfg.model
     max_len = m.max_len
@@ -377,14 +371,36 @@ def run_evaluate(
         results[task], per_example[task] = task_eval.evaluate_classify(run, path, batch_size=batch_size, limit=limit)
     report = {"run_dir": str(run_dir), "step": run.step, "seq_len": window, "limit": limit, "results": results}
     if jax.process_index() == 0:
-        out_dir = Path(run_dir) / "eval"
-        out_dir.mkdir(exist_ok=True)
-        out_path = out_dir / f"step_{run.step}.json"
-        out_path.write_text(json.dumps(report, indent=2))
+        out_path = Path(run_dir) / "eval" / f"step_{run.step}.json"
+        write_merged_report(out_path, report)
         for task, rows in per_example.items():
             task_eval.write_jsonl(task_eval.per_example_path(run, task), rows)
         print(f"step {run.step} of {run_dir}\n{_format_table(results)}\nwritten to {out_path}")
     return report
+
+
+def write_merged_report(path: Path, report: dict[str, Any]) -> None:
+    """Writes `report` to `path`, keeping the results of tasks an earlier evaluation of the same
+    step wrote there (a --mc-only run must not delete the saved --val figures); a task evaluated
+    again is replaced. Written to a temporary name and renamed, so a crash never leaves half a file.
+    A file that is not an earlier report is kept aside as PATH.unreadable rather than overwritten."""
+    path.parent.mkdir(exist_ok=True)
+    results = dict(report["results"])
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+            previous = earlier["results"]
+            if not isinstance(previous, dict):
+                raise TypeError("results is not a mapping")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            aside = path.with_name(path.name + ".unreadable")
+            path.replace(aside)
+            print(f"warning: {path} was not an evaluation report ({e}); moved to {aside}", file=sys.stderr)
+        else:
+            results = {**previous, **results}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({**report, "results": results}, indent=2))
+    tmp.replace(path)
 
 
 def _validation_split(run) -> tuple[np.ndarray, int]:

@@ -154,6 +154,10 @@ def run_export(
         raise ValueError(f"--format: expected hf or safetensors, got {fmt!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    from flaxpod.train.cli import check_option
+
+    check_option("--step", step, minimum=0)
+    check_option("--max-shard-size", max_shard_bytes, minimum=1)
     run = load_run(run_dir, step, mesh=single_device_mesh())
     params = host_params(run.params)
     out = Path(out)

@@ -8,7 +8,7 @@ Requests a user can make of a running job:
                                       interrupts at once
     kill -USR1 PID  or  touch RUN_DIR/SAVE_NOW
                                       write a checkpoint after the current step and go on
-                                      (SAVE_NOW is deleted once the checkpoint is written)
+                                      (SAVE_NOW is deleted once that checkpoint is committed)
 
 With several processes every process must checkpoint and stop at the same step. SIGTERM goes
 through JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`, asked every
@@ -95,6 +95,9 @@ class RunControl:
         self._save_signal = False
         self._last_save_time = clock()
         self._previous: dict[int, Any] = {}
+        # (mtime, size) of the SAVE_NOW file a save in flight is serving: that file is not a new
+        # request, and is removed only once the save is committed (a kill -9 before then leaves it).
+        self._save_now_served: tuple[float, int] | None = None
 
     # -- signals
 
@@ -159,17 +162,36 @@ class RunControl:
             return True, False, self._stop_signal
         if self._save_signal:
             return False, True, "SIGUSR1"
-        if self.is_main and self.save_now_path.exists():
+        if self.is_main and self._save_now_request():
             return False, True, f"{self.save_now_path}"
         if self.is_main and self.every_seconds > 0 and self.clock() - self._last_save_time >= self.every_seconds:
             return False, True, f"{self.every_seconds / 60:g} minutes since the last checkpoint"
         return False, False, ""
 
-    def saved(self) -> None:
-        """Call after a checkpoint is written: restarts the clock and clears save-now requests."""
+    def _save_now_stamp(self) -> tuple[float, int] | None:
+        try:
+            stat = self.save_now_path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime, stat.st_size
+
+    def _save_now_request(self) -> bool:
+        stamp = self._save_now_stamp()
+        return stamp is not None and stamp != self._save_now_served
+
+    def saved(self) -> Callable[[], None]:
+        """Call once a checkpoint is started: restarts the clock and marks the save-now requests as
+        served. Returns what to call once that checkpoint is committed: it deletes SAVE_NOW
+        (unless the file was touched again since)."""
         self._last_save_time = self.clock()
         self._save_signal = False
-        if self.is_main:
+        served = self._save_now_stamp() if self.is_main else None
+        if served is not None:
+            self._save_now_served = served
+        return lambda: self._save_now_committed(served)
+
+    def _save_now_committed(self, served: tuple[float, int] | None) -> None:
+        if served is not None and self._save_now_stamp() == served:
             self.save_now_path.unlink(missing_ok=True)
 
 

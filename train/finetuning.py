@@ -30,11 +30,12 @@ from flaxpod.train.checkpoint import make_run_info
 from flaxpod.train.checkpoint_files import find_checkpoint
 from flaxpod.train.classification_metrics import classification_report, summary_metrics
 from flaxpod.train.config import Config, check_against_devices, to_dict
-from flaxpod.train.data_source import RunData
+from flaxpod.train.data_source import RunData, load_run_data
 from flaxpod.train.early_stopping import EarlyStopping
-from flaxpod.train.loop import check_resume_compatible, describe, fit, log, write_run_files
+from flaxpod.train.loop import check_resume_compatible, check_run_dir, describe, fit, log
 from flaxpod.train.objectives import CausalLM, Classify, class_logits
 from flaxpod.train.run_dir import load_run_config, load_run_tokenizer, param_target, restore_params
+from flaxpod.train.run_lock import hold_run_dir
 from flaxpod.train.state import TrainState
 from flaxpod.train.trainer import Trainer
 from jax.experimental import multihost_utils
@@ -94,6 +95,7 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
     """Finetunes to cfg.train.steps (resuming from the run's latest checkpoint); returns final metrics."""
     run_dir = Path(cfg.run_dir)
     check_against_devices(cfg, jax.device_count())
+    check_run_dir(cfg)
     if cfg.data.path in ("", "stdlib"):
         raise ConfigError(f"data.path: give the task's training file (finetune.task={cfg.finetune.task})")
     base = load_base(cfg)
@@ -108,9 +110,8 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
         else None
     )
 
-    # Inputs are valid: from here on the run directory is written.
-    write_run_files(cfg, run_dir, base.tokenizer)
-    task.write(run_dir)
+    # Inputs are valid: the run directory is written under its lock (`fit` writes config.yaml and the
+    # tokenizer once the run restores; the task's own files are written here).
     log(f"base: {base.run_dir} step {base.step} ({cfg.finetune.init} weights); task {cfg.finetune.task}")
     log(f"data: {task.data.description}")
     describe(trainer, cfg)
@@ -122,15 +123,18 @@ def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
         params = {k: v for k, v in params.items() if k in trainer.layout.shapes.params and k != "cls_head"}
         return trainer.state_from_params(params, cfg.seed)
 
-    return fit(
-        cfg,
-        trainer,
-        task.data,
-        make_run_info(to_dict(cfg), base.tokenizer),
-        init=init,
-        validate=task.validator(trainer),
-        early_stopping=early,
-    )
+    with hold_run_dir(cfg.run_dir):
+        if jax.process_index() == 0:
+            task.write(run_dir)
+        return fit(
+            cfg,
+            trainer,
+            task.data,
+            make_run_info(to_dict(cfg), base.tokenizer),
+            init=init,
+            validate=task.validator(trainer),
+            early_stopping=early,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ class Task:
     cfg: Config  # the run's config, completed by the task (e.g. model.num_labels)
     data: RunData
     objective: Any
-    validator: Callable[[Trainer], Callable[[dict], dict[str, float]] | None]
+    validator: Callable[[Trainer], Callable[[dict], dict[str, float]] | None]  # None: the objective's val_loss
     write: Callable[[Path], None]  # task files written into the run directory
 
 
@@ -256,7 +260,19 @@ def classify_task(cfg: Config, tokenizer: Tokenizer, run_dir: Path) -> Task:
     )
 
 
-TASKS = {"sft": sft_task, "classify": classify_task}
+def lm_task(cfg: Config, tokenizer: Tokenizer, run_dir: Path) -> Task:
+    """Continued pretraining: the pretraining data pipeline (text or prepared datasets, data.* as in
+    pretraining) and its next-token loss on every token, from the base's weights and tokenizer."""
+    cfg = dataclasses.replace(
+        cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(Path(cfg.finetune.base) / "tokenizer"))
+    )
+    data = load_run_data(cfg, run_dir)
+    if data.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise InputError(f"{run_dir}/tokenizer: differs from the base's {cfg.tokenizer.path}; choose another run_dir")
+    return Task(cfg, data, CausalLM(cfg.optim.z_loss), lambda _: None, lambda _: None)
+
+
+TASKS = {"sft": sft_task, "classify": classify_task, "lm": lm_task}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,36 +27,15 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     return out
 
 
-def generate_texts(
-    run,
-    prompts: list[str],
-    *,
-    max_new_tokens: int = 100,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 16,
-    use_cache: bool = True,
-) -> list[str]:
-    """Continuations of `prompts` from a loaded run (train.run_dir.load_run)."""
+def generate_texts(run, prompts: list[str], **options) -> list[str]:
+    """Continuations of `prompts` from a loaded run (train.run_dir.load_run); `options` as `generate_ids`'s."""
     encoded = []
     for i, prompt in enumerate(prompts):
         try:
             encoded.append(run.tokenizer.encode_for_model(prompt))  # BOS as transformers adds it
         except ValueError as e:
             raise ValueError(f"prompt {i + 1}: {e}") from None
-    outputs = generate_ids(
-        run,
-        encoded,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        batch_size=batch_size,
-        use_cache=use_cache,
-    )
+    outputs = generate_ids(run, encoded, **options)
     # Decoded after the prompt's ids, whole characters only (a byte-level BPE can stop mid-character).
     return ["".join(run.tokenizer.decode_stream(p, ids)) for p, ids in zip(encoded, outputs, strict=True)]
 
@@ -117,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = parser.parse_args(argv)
 
-    from flaxpod.train.cli import run_guarded
+    from flaxpod.train.cli import check_option, run_guarded
 
     def job() -> None:
         from flaxpod.model.errors import InputError
@@ -126,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         if load_run_config(args.run_dir).train.objective == "mlm":
             raise InputError(f"{args.run_dir}: a masked-LM encoder does not generate text; use flaxpod fill-mask")
         prompts = read_prompts(args.prompt, args.prompts_file)
-        if args.batch_size <= 0:
-            raise ValueError(f"--batch-size: expected a positive count, got {args.batch_size}")
+        check_option("--batch-size", args.batch_size, minimum=1)
+        check_option("--max-new-tokens", args.max_new_tokens, minimum=1)
+        check_option("--temperature", args.temperature, minimum=0)
+        check_option("--top-k", args.top_k, minimum=0)
+        check_option("--top-p", args.top_p, above=0, maximum=1)
+        check_option("--step", args.step, minimum=0)
         run = load_run(args.run_dir, args.step)
         texts = generate_texts(
             run,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from flaxpod.model.errors import InputError
 
 
 def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
@@ -25,8 +26,7 @@ def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
     index = hf_dir / "model.safetensors.index.json"
     single = hf_dir / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map") or {}
-        files = sorted(set(weight_map.values()))
+        files = _index_shards(index)
     elif single.is_file():
         files = ["model.safetensors"]
     else:
@@ -50,23 +50,72 @@ def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard files an index names, each a file name inside the model directory: a name from
+    the file is never followed out of it ('../x', '/abs/x')."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, AttributeError) as e:
+        raise InputError(f"{index}: not a JSON object with a weight_map ({e})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{index}: 'weight_map' must be a non-empty mapping of tensor name -> shard file")
+    root = index.parent.resolve()
+    for name in weight_map.values():
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise InputError(f"{index}: shard {name!r} is not a file name inside {index.parent}")
+        if not (root / name).resolve().is_relative_to(root):
+            raise InputError(f"{index}: shard {name!r} leads out of {index.parent}")
+    return sorted(set(weight_map.values()))
+
+
+# Sizes in config.json (GPT-2 and Llama names); absent or null ones take the converter's defaults.
+SIZE_KEYS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
+    "vocab_size", "max_position_embeddings", "head_dim", "n_embd", "n_head", "n_layer", "n_positions", "n_inner",
+)  # fmt: skip
+
+
+def _model_config(config_path: Path):
+    """ModelConfig of a config.json; anything malformed in it is one InputError naming the file."""
+    from flaxpod.model.hf_weights import model_config_from_hf
+
+    try:
+        hf_cfg = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{config_path}: not valid JSON: {e}") from None
+    if not isinstance(hf_cfg, dict):
+        raise InputError(f"{config_path}: expected a JSON object, got {type(hf_cfg).__name__}")
+    for key in SIZE_KEYS:
+        value = hf_cfg.get(key)
+        if key in hf_cfg and value is not None and (type(value) is not int or value <= 0):
+            raise InputError(f"{config_path}: {key} must be a positive integer, got {value!r}")
+    try:
+        return model_config_from_hf(hf_cfg, str(config_path))
+    except InputError:
+        raise
+    except KeyError as e:
+        raise InputError(f"{config_path}: missing key {e}") from None
+    except ValueError as e:  # the converter's own messages already name the file
+        raise InputError(str(e) if str(e).startswith(str(config_path)) else f"{config_path}: {e}") from None
+    except (TypeError, ZeroDivisionError, AttributeError) as e:
+        raise InputError(f"{config_path}: unusable value ({type(e).__name__}: {e})") from None
+
+
 def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Writes a params-only run directory for a Hugging Face model directory; returns it."""
     from flaxpod.data.hf_tokenizer import read_hf_tokenizer
     from flaxpod.data.tokenizer import load_tokenizer
-    from flaxpod.model.hf_weights import drop_zero_biases, from_hf, model_config_from_hf
-    from flaxpod.train.config import Config, TokenizerConfig, TrainConfig
+    from flaxpod.model.hf_weights import drop_zero_biases, from_hf
+    from flaxpod.train.config import Config, ConfigError, TokenizerConfig, TrainConfig
     from flaxpod.train.run_dir import write_params_run
 
-    hf_dir = Path(hf_dir)
+    hf_dir, out = Path(hf_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # like export: never write into existing files
+        raise InputError(f"--out {out}: exists and is not an empty directory; choose a new one")
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json; not a Hugging Face model directory")
-    try:
-        hf_cfg = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{config_path}: not valid JSON: {e}") from None
-    model_cfg = model_config_from_hf(hf_cfg, str(config_path))
+    model_cfg = _model_config(config_path)
     if tokenizer_dir is not None:
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
@@ -80,7 +129,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | N
     params, model_cfg = drop_zero_biases(params, model_cfg)
     tok_cfg = TokenizerConfig(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size if tokenizer.vocab_size > 0 else 1)
     train = TrainConfig(objective="mlm" if model_cfg.bidirectional else "causal")  # an encoder resumes as one
-    cfg = Config(run_dir=str(out), model=model_cfg, tokenizer=tok_cfg, train=train)
+    try:
+        cfg = Config(run_dir=str(out), model=model_cfg, tokenizer=tok_cfg, train=train)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: gives an unusable model: {e}") from None
     return write_params_run(out, cfg, tokenizer, params, step=0)
 
 

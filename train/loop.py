@@ -3,8 +3,10 @@
 `run_pretraining` is the pretrain entry point's job; `fit` is the loop itself, shared by every
 objective (finetuning passes its own initial state and validation).
 
-Everything that can be wrong with the input (config, devices, corpus, tokenizer) is checked
-before the run directory is touched, so a bad command never writes over an existing run.
+Everything that can be wrong with the input (config, devices, corpus, tokenizer, the run directory
+itself) is checked before the run directory is touched, and `fit` writes the run's files only once
+the checkpoint to resume from has restored (a changed optimizer, a params-only import), under the
+run directory's lock (train/run_lock.py), so a bad command never writes over an existing run.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from flaxpod.train.data_source import RunData, load_run_data
 from flaxpod.train.early_stopping import EarlyStopping
 from flaxpod.train.faults import Decision, NonFiniteWatch, RunControl, StopRequested
 from flaxpod.train.flops import flops_per_token, peak_flops_per_device
-from flaxpod.train.metrics import MetricsWriter, Progress, format_duration
+from flaxpod.train.metrics import MetricsWriter, StepProgress, format_duration
 from flaxpod.train.mlm import pretraining_objective, with_objective_model
+from flaxpod.train.run_lock import RunDirNotWritable, hold_run_dir
 from flaxpod.train.state import TrainState
 from flaxpod.train.trainer import Trainer
 
@@ -48,13 +51,45 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
+def saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's config.yaml as a nested dict (None if there is none); a damaged one is a ConfigError."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", e)
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem}); fix it or choose another run_dir") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e}); fix it or choose another run_dir") from None
+    sections = [k for k, v in to_dict(Config()).items() if isinstance(v, dict)]
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k, {}), dict) for k in sections):
+        raise ConfigError(f"{path}: not a run config (expected a mapping of sections); fix it or use another run_dir")
+    return saved
+
+
+def check_run_dir(cfg: Config) -> None:
+    """run_dir must be a directory (or not exist yet) and must not lie inside data.path: a run there
+    would read its own checkpoints, metrics and event files back as training text on resume."""
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
+    inside = run_dir.resolve()
+    for spec in (p.strip() for p in cfg.data.path.split(",")):
+        if spec and Path(spec).is_dir() and inside.is_relative_to(Path(spec).resolve()):
+            raise ConfigError(f"run_dir: {run_dir} lies inside data.path {spec}; choose a run_dir outside the data")
+
+
 def check_resume_compatible(cfg: Config, run_dir: Path, sections: tuple[str, ...] = ("model", "tokenizer")) -> None:
     """A run directory is resumed only by the same model: anything else would be overwritten."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
+    saved = saved_config(run_dir)
+    if saved is None:
         return
-    # Through Config, so that keys added since the run was written take their defaults.
-    saved = to_dict(config_from_dict(yaml.safe_load(saved_path.read_text()) or {}))
+    saved_path = run_dir / "config.yaml"
+    saved = to_dict(config_from_dict(saved))  # through Config: keys added since the run was written take defaults
     current = to_dict(cfg)
     for section in sections:
         for key, value in current[section].items():
@@ -67,13 +102,23 @@ def check_resume_compatible(cfg: Config, run_dir: Path, sections: tuple[str, ...
 
 
 def write_run_files(cfg: Config, run_dir: Path, tokenizer: Tokenizer) -> None:
-    """config.yaml and tokenizer/: written once the inputs are known good (process 0)."""
+    """config.yaml and tokenizer/ (process 0). `fit` calls it once the run is known to resume (or
+    start) cleanly. config.yaml is replaced atomically, and only when a key differs (the keys
+    that may change on resume: steps, checkpoint policy, logging, mesh, optimizer), so an
+    interrupted write never leaves a half file and an unchanged run is not touched."""
     if jax.process_index() != 0:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not has_tokenizer(run_dir / "tokenizer"):
-        tokenizer.save(run_dir / "tokenizer")
-    save_config(cfg, run_dir / "config.yaml")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not has_tokenizer(run_dir / "tokenizer"):
+            tokenizer.save(run_dir / "tokenizer")
+        path = run_dir / "config.yaml"
+        if not path.exists() or saved_config(run_dir) != to_dict(cfg):
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_config(cfg, tmp)
+            tmp.replace(path)
+    except OSError as e:
+        raise RunDirNotWritable(f"run_dir {run_dir}: cannot write the run's files ({e.strerror or e})") from None
 
 
 def describe(trainer: Trainer, cfg: Config) -> None:
@@ -92,6 +137,7 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
     """Trains to cfg.train.steps (resuming from the latest checkpoint); returns final metrics."""
     run_dir = Path(cfg.run_dir)
     check_against_devices(cfg, jax.device_count())
+    check_run_dir(cfg)
     data = load_run_data(cfg, run_dir)
     cfg = with_objective_model(resolve_model_config(cfg, data.tokenizer))
     check_resume_compatible(cfg, run_dir)
@@ -99,8 +145,7 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"model.seq_len: {cfg.model.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     trainer = Trainer.from_config(cfg, pretraining_objective(cfg, data.tokenizer))
 
-    # Inputs are valid: from here on the run directory is written.
-    write_run_files(cfg, run_dir, data.tokenizer)
+    # Inputs are valid: `fit` takes the run directory's lock and writes it once the run restores.
     log(f"data: {data.description}")
     describe(trainer, cfg)
     return fit(cfg, trainer, data, make_run_info(to_dict(cfg), data.tokenizer))
@@ -118,11 +163,29 @@ def fit(
 ) -> dict[str, Any]:
     """Trains `trainer` on `data` to cfg.train.steps, resuming from the run's latest checkpoint.
 
+    Holds the run directory's lock throughout (one writer per run_dir), and writes config.yaml and
+    the tokenizer (`write_run_files`) only once the checkpoint to resume from has restored, so a
+    refused resume (another optimizer, a params-only import) leaves the run as it was.
+
     init: the state of a new run (default: fresh parameters from cfg.seed). validate: params ->
     validation metrics (default: the objective's metrics on data.eval_batches, named val_*).
     early_stopping: checkpoints each new best step, keeps it whatever the retention policy, and ends
     the run once its patience is spent. Returns the last logged metrics.
     """
+    with hold_run_dir(cfg.run_dir):
+        return _fit(cfg, trainer, data, run_info, init=init, validate=validate, early_stopping=early_stopping)
+
+
+def _fit(
+    cfg: Config,
+    trainer: Trainer,
+    data: RunData,
+    run_info: dict[str, Any],
+    *,
+    init: Callable[[], TrainState] | None,
+    validate: Callable[[dict], dict[str, float]] | None,
+    early_stopping: EarlyStopping | None,
+) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
     train_iter = data.train_iter
@@ -145,13 +208,14 @@ def fit(
         if restored.data_state is not None:
             train_iter.set_state(restored.data_state)
         log(f"resumed from {checkpointer.directory / str(start)}")
+    write_run_files(cfg, run_dir, data.tokenizer)
     if validate is None:
 
         def validate(params: dict) -> dict[str, float]:
             return {f"val_{k}": v for k, v in trainer.evaluate(params, data.eval_batches).items()}
 
     writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, resume_step=start)
-    progress = Progress(cfg.train.steps, enabled=is_main)
+    progress = StepProgress(cfg.train.steps, enabled=is_main)
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
     n_nonembed = trainer.param_counts()[1]
     flops_tok = flops_per_token(cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len, n_nonembed)
@@ -223,8 +287,10 @@ def fit(
                 if decision.save:
                     fetch_pending()  # under train.nonfinite=stop, never checkpoint past a non-finite step
                     final_or_stop = decision.stop or finish_early or step == cfg.train.steps
-                    blocked = checkpointer.save(step, state, train_iter.get_state(), wait=final_or_stop)
-                    control.saved()
+                    on_commit = control.saved()  # SAVE_NOW goes only once this checkpoint is committed
+                    blocked = checkpointer.save(
+                        step, state, train_iter.get_state(), wait=final_or_stop, on_commit=on_commit
+                    )
                     writer.write(step, {"checkpoint_blocked_s": blocked})
                     if decision.reason:
                         log(f"step {step:>6}/{cfg.train.steps} | checkpoint ({decision.reason})")

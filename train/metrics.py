@@ -15,7 +15,7 @@ from typing import Any
 
 from flaxpod.data.progress import format_duration
 
-__all__ = ["MetricsWriter", "Progress", "drop_rows_after", "format_duration"]  # format_duration: for the loop
+__all__ = ["MetricsWriter", "StepProgress", "drop_rows_after", "format_duration"]  # format_duration: for the loop
 
 
 class MetricsWriter:
@@ -76,8 +76,9 @@ def _plain(v: Any) -> Any:
     return float(v) if hasattr(v, "dtype") else v
 
 
-class Progress:
-    """A console line per log step: loss, lr, throughput, MFU and ETA."""
+class StepProgress:
+    """A console line per log step: loss, lr, throughput, MFU and ETA (data jobs have data.progress.Progress,
+    a redrawn byte-progress bar; both share format_duration)."""
 
     def __init__(self, total_steps: int, *, enabled: bool, stream=None):
         # sys.stdout is looked up when the run starts, not when this module is imported (it may have been replaced)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import base64
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -32,9 +33,10 @@ from flaxpod.train.checkpoint_files import (
     abstract,
     checkpoints_dir,
     committed_steps,
-    find_checkpoint,
     reader,
     step_dirs,
+    usable_steps,
+    warn,
     write_commit,
 )
 from flaxpod.train.config import Config, ConfigError, config_from_dict, load_config, resolve_mesh_shape, save_config
@@ -102,19 +104,52 @@ def load_run_tokenizer(run_dir: str | Path, cfg: Config) -> Tokenizer:
     return tokenizer
 
 
+Read = TypeVar("Read")
+
+
+def restore_newest(run_dir: str | Path, step: int | None, read: Callable[[Any], Read]) -> tuple[Read, int]:
+    """(read(step_dir), step) of `step`, or of the newest step that restores, for every reader.
+
+    Steps failing their checks are skipped with a warning (`usable_steps`); so is a step whose
+    restore fails (damage its commit record cannot show, e.g. a record from before content hashes),
+    naming the step. An explicit step that fails is a CheckpointError saying it is damaged."""
+    directory = checkpoints_dir(run_dir)
+    failures = []
+    for s, step_dir in usable_steps(run_dir, step):
+        try:
+            return read(step_dir), s
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax and its codecs raise many types for damaged data
+            problem = f"restore failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+            if step is not None:
+                raise CheckpointError(f"checkpoint step {s} in {directory} is damaged: {problem}") from None
+            warn(f"checkpoint step {s} in {directory} is unusable: {problem}; trying an older step")
+            failures.append(f"step {s}: {problem}")
+    listing = f" ({'; '.join(failures)}); if {CONFIG_FILE} was edited, it may no longer match them" if failures else ""
+    raise CheckpointError(f"no usable checkpoint in {directory}{listing}")
+
+
+def _read_run_item(step_dir: Any) -> dict[str, Any]:
+    with reader() as handle:
+        return handle.restore(step_dir, args=ocp.args.Composite(**{RUN: ocp.args.JsonRestore()}))[RUN]
+
+
 def read_run_info(run_dir: str | Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
     """(step, run item) of a checkpoint: {'config': resolved config dict, 'tokenizer': {...}}."""
-    step, step_dir = find_checkpoint(run_dir, step)
-    with reader() as handle:
-        out = handle.restore(step_dir, args=ocp.args.Composite(**{RUN: ocp.args.JsonRestore()}))
-    return step, out[RUN]
+    info, step = restore_newest(run_dir, step, _read_run_item)
+    return step, info
 
 
 def tokenizer_from_run_info(run_info: dict[str, Any]) -> Tokenizer:
-    """The tokenizer stored in a checkpoint's run item."""
+    """The tokenizer stored in a checkpoint's run item. Its file name comes from the checkpoint,
+    so it is checked to be a plain file name before anything is written under it."""
     tok = run_info["tokenizer"]
+    name = tok.get("filename")
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise InputError(f"checkpoint run item: tokenizer filename {name!r} is not a plain file name")
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, tok["filename"]).write_bytes(base64.b64decode(tok["base64"]))
+        Path(tmp, name).write_bytes(base64.b64decode(tok["base64"]))
         return load_tokenizer(tmp)
 
 
@@ -168,22 +203,25 @@ def restore_params(
         of jax.ShapeDtypeStruct with shardings: exactly those. None: every array whole on the first
         device. Any mesh or device count works: the arrays are resharded as they are read.
     """
-    step, step_dir = find_checkpoint(run_dir, step)
     if isinstance(target, StateLayout):
         target = abstract(target.shapes.params, target.param_shardings)
-    elif not _is_abstract_tree(target):
-        if target is not None and not isinstance(target, Mesh):
-            raise TypeError(
-                f"restore_params: target must be a StateLayout, a Mesh, a tree of jax.ShapeDtypeStruct or None, "
-                f"got {type(target).__name__}"
-            )
-        if not (step_dir / RUN).exists():
-            raise CheckpointError(f"{step_dir}: has no run item (config); pass a StateLayout or abstract target")
-        _, run_info = read_run_info(run_dir, step)
-        target = param_target(config_from_dict(run_info["config"]), target)
-    with reader() as handle:
-        out = handle.restore(step_dir, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
-    return out[PARAMS], step
+    elif not _is_abstract_tree(target) and target is not None and not isinstance(target, Mesh):
+        raise TypeError(
+            f"restore_params: target must be a StateLayout, a Mesh, a tree of jax.ShapeDtypeStruct or None, "
+            f"got {type(target).__name__}"
+        )
+
+    def read(step_dir: Any) -> dict:
+        step_target = target
+        if not _is_abstract_tree(target):  # a Mesh or None: the shapes come from the step's own config
+            if not (step_dir / RUN).exists():
+                raise CheckpointError(f"{step_dir}: has no run item (config); pass a StateLayout or abstract target")
+            step_target = param_target(config_from_dict(_read_run_item(step_dir)["config"]), target)
+        with reader() as handle:
+            out = handle.restore(step_dir, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(step_target)}))
+        return out[PARAMS]
+
+    return restore_newest(run_dir, step, read)
 
 
 def load_run(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedRun:
@@ -196,12 +234,7 @@ def load_run(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = N
         step = best.step
     tokenizer = load_run_tokenizer(run_dir, cfg)
     mesh = mesh if mesh is not None else default_mesh(cfg)
-    try:
-        params, step = restore_params(run_dir, step, param_target(cfg, mesh))
-    except (ValueError, KeyError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise InputError(f"{run_dir}: its parameters do not match the model in {CONFIG_FILE}: {e}") from None
+    params, step = restore_params(run_dir, step, param_target(cfg, mesh))
     graphdef, _ = abstract_model(cfg.model)
     return LoadedRun(run_dir, cfg, tokenizer, graphdef, params, step, mesh)
 

@@ -121,8 +121,3 @@ def compile_once(fn, out_shardings, *args) -> Any:
         # code that is executed a single time (11 s -> 1.6 s for a tiny model here).
         options["xla_backend_optimization_level"] = 0
     return jax.jit(fn, out_shardings=out_shardings).lower(*args).compile(compiler_options=options)(*args)
-
-
-def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, layout: StateLayout, seed: int) -> TrainState:
-    """A fresh state on the layout's shardings. The same seed gives the same values on any mesh."""
-    return compile_once(lambda: fresh_state(init_params(cfg, seed), tx, seed), layout.shardings)

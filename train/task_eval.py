@@ -79,8 +79,8 @@ def evaluate_sft(
     prompts = [sft_data.encode_prompt(pair, run.tokenizer) for pair in pairs]
     outputs = generate_ids(run, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows, correct = [], 0
-    for pair, ids in zip(pairs, outputs, strict=True):
-        text = run.tokenizer.decode(ids)
+    for pair, prompt, ids in zip(pairs, prompts, outputs, strict=True):
+        text = "".join(run.tokenizer.decode_stream(prompt, ids))
         ok = exact_match(text, pair.reference, extractor)
         correct += ok
         rows.append(
