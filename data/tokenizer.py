@@ -28,6 +28,9 @@ HF_FILE = "hf_tokenizer.json"  # data/hf_tokenizers.py: a tokenizer.json with fl
 # Special ids of trained SentencePiece models. pad is 0 so that zero-filled arrays read as
 # padding; eos ends every document in the token stream; bos exists for finetuning formats.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# The masked-LM objective's mask token: a SentencePiece user-defined symbol, so "[MASK]" in text
+# encodes to its id (fill-mask prompts) and no ordinary text piece can produce it.
+MASK_TOKEN = "[MASK]"
 # Ids of context kept when decoding a stream: enough for any decoder's look-behind (a space
 # before a word, a character split over up to four byte tokens) without growing with the text.
 _DECODE_CONTEXT = 8
@@ -219,6 +222,20 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def token_id(self, piece: str) -> int | None:
+        """The id of a whole piece (a special token such as [MASK]), or None if the model lacks it."""
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def special_ids(self) -> list[int]:
+        """Ids that are not text: control pieces (pad, bos, eos), unknown, and user-defined symbols."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+        not_text = (piece.CONTROL, piece.UNKNOWN, piece.USER_DEFINED)
+        pieces = sentencepiece_model_pb2.ModelProto.FromString(self.model_proto).pieces
+        return [i for i, p in enumerate(pieces) if p.type in not_text]
+
     @classmethod
     def load(cls, path: Path) -> SentencePieceTokenizer:
         try:
@@ -288,11 +305,13 @@ def train_sentencepiece(
     max_sentence_length: int = 16384,
     input_sentence_size: int = 10_000,
     seed: int = 0,
+    user_defined_symbols: Sequence[str] = (),
 ) -> SentencePieceTokenizer:
     """Train a SentencePiece model in memory; ids: pad=0, unk=1, bos=2, eos=3.
 
     Text round-trips exactly: no normalization, whitespace kept (indentation becomes
     whitespace-only pieces), no dummy prefix, and unknown characters fall back to bytes.
+    `user_defined_symbols` (e.g. [MASK]) get the ids after eos and always encode as one piece.
     At most `input_sentence_size` blocks of lines (each up to max_sentence_length/4
     characters, so at most about 40 MB by default) are sampled: 10 MB trains in seconds.
     """
@@ -322,6 +341,7 @@ def train_sentencepiece(
             shuffle_input_sentence=True,
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
+            **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}),
         )
     except RuntimeError as e:
         limit = re.search(r"<= (\d+)", str(e))
@@ -388,12 +408,17 @@ def has_tokenizer(directory: str | Path) -> bool:
     return any((Path(directory) / f).is_file() for f in (CHAR_FILE, SENTENCEPIECE_FILE, HF_FILE))
 
 
-def train_tokenizer_of_kind(kind: str, texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:
-    """Trains a tokenizer of config kind `kind`: char, sentencepiece, or huggingface (byte-level BPE)."""
+def train_tokenizer_of_kind(
+    kind: str, texts: Iterable[str], vocab_size: int, model_type: str, special_tokens: Sequence[str] = ()
+) -> Tokenizer:
+    """Trains a tokenizer of config kind `kind`: char, sentencepiece, or huggingface (byte-level BPE).
+    `special_tokens` (the masked-LM's [MASK]) are supported by sentencepiece only."""
+    if special_tokens and kind != "sentencepiece":
+        raise ValueError(f"tokenizer.kind: special tokens {list(special_tokens)} need a sentencepiece tokenizer")
     if kind == "char":
         return train_char_tokenizer("".join(texts))
     if kind == "sentencepiece":
-        return train_sentencepiece(texts, vocab_size, model_type)
+        return train_sentencepiece(texts, vocab_size, model_type, user_defined_symbols=special_tokens)
     if kind == "huggingface":
         from flaxpod.data.hf_tokenizers import train_byte_level_bpe
 

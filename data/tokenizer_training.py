@@ -49,10 +49,12 @@ def saved_or_given_tokenizer(saved: Path, given: str | os.PathLike | None, optio
     return None
 
 
-def train_tokenizer_on_texts(kind: str, texts: list[str], *, vocab_size: int, model_type: str) -> Tokenizer:
+def train_tokenizer_on_texts(
+    kind: str, texts: list[str], *, vocab_size: int, model_type: str, special_tokens: Sequence[str] = ()
+) -> Tokenizer:
     """A `char`, `sentencepiece` or `huggingface` (byte-level BPE) tokenizer trained in memory on `texts`
-    (a training run's corpus)."""
-    return train_tokenizer_of_kind(kind, texts, vocab_size, model_type)
+    (a training run's corpus), with `special_tokens` (sentencepiece only) as user-defined symbols."""
+    return train_tokenizer_of_kind(kind, texts, vocab_size, model_type, special_tokens)
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:

@@ -112,6 +112,8 @@ class ModelConfig:
     """How the classification head pools a row: `last` token (causal models), `mean` over tokens, or `first`."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters in the blocks; finetuning copies `finetune.lora` here (rank 0: none)."""
+    bidirectional: bool = False
+    """Attention sees the whole document, not only the past (masked-LM encoders); train.objective=mlm sets it."""
 
     def __post_init__(self) -> None:
         for name, allowed in literal_choices(type(self)).items():

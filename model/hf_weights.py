@@ -15,6 +15,9 @@ import numpy as np
 from flaxpod.model.config import ModelConfig
 
 GPT2_ARCH, LLAMA_ARCH = "GPT2LMHeadModel", "LlamaForCausalLM"
+# A bidirectional llama-family model (masked-LM encoder) is exactly EuroBERT: the same RMSNorm, rotate-half
+# RoPE, SwiGLU, GQA, pre-norm blocks, head on the final norm and weight names, with attention not causal.
+ENCODER_ARCH = "EuroBertForMaskedLM"
 SUPPORTED = {"gpt2": GPT2_ARCH, "llama": LLAMA_ARCH}
 # GPT-2's "gelu_new" and "gelu_pytorch_tanh" are both the tanh approximation our MLP uses.
 # Names transformers' ACT2FN maps to the same function as ours: the tanh approximation of GELU
@@ -33,6 +36,10 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.n_kv_head={cfg.n_kv_head}: GPT2LMHeadModel has no grouped-query attention "
             f"(it needs n_kv_head == n_head={cfg.n_head}); this gpt2-family model cannot be exported"
+        )
+    if cfg.bidirectional and cfg.family != "llama":
+        raise ValueError(
+            f"model.family={cfg.family}: only llama-family encoders export to {ENCODER_ARCH}; use --format safetensors"
         )
 
 
@@ -68,6 +75,8 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, pad_i
             "reorder_and_upcast_attn": False,
             "initializer_range": cfg.init_std,
         }
+    if cfg.bidirectional:
+        common.update(architectures=[ENCODER_ARCH], model_type="eurobert")
     return {
         **common,
         "hidden_size": cfg.d_model,
@@ -174,10 +183,13 @@ def model_config_from_hf(config: dict, where: str) -> ModelConfig:
     """Our ModelConfig for a Hugging Face config.json; anything we cannot run exactly is refused."""
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
+    encoder = model_type == "eurobert" and (not archs or archs[0] == ENCODER_ARCH)
+    if encoder:  # EuroBERT is the llama family with bidirectional attention (see ENCODER_ARCH)
+        model_type, archs = "llama", [LLAMA_ARCH]
     if model_type not in SUPPORTED or (archs and archs[0] not in SUPPORTED.values()):
         raise ValueError(
             f"{where}: unsupported architecture {archs[0] if archs else model_type!r} (model_type={model_type!r}); "
-            f"supported: {', '.join(SUPPORTED.values())}"
+            f"supported: {', '.join([*SUPPORTED.values(), ENCODER_ARCH])}"
         )
     tie = bool(config.get("tie_word_embeddings", model_type == "gpt2"))
     if model_type == "gpt2":
@@ -234,6 +246,7 @@ def model_config_from_hf(config: dict, where: str) -> ModelConfig:
         tie_embeddings=tie,
         rope_theta=_rope_theta(config, where),
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        bidirectional=encoder,
     )
 
 

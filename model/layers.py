@@ -89,13 +89,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array | None, length: int) -> jax.Array:
-    """[B or 1, T, T] boolean: causal, and within one document when segment ids are given."""
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+def attention_mask(segment_ids: jax.Array | None, length: int, *, causal: bool = True) -> jax.Array:
+    """[B or 1, T, T] boolean: causal (or, for encoders, bidirectional), and within one document when
+    segment ids are given."""
+    allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None] if causal else jnp.ones((1, length, length), bool)
     if segment_ids is None:
-        return causal
+        return allowed
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal & same_doc
+    return allowed & same_doc
 
 
 class Attention(nnx.Module):

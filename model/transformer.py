@@ -116,7 +116,7 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0)
         x = constrain(dropout(x, cfg.dropout, keys[0]).astype(dtype), (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
-        mask = attention_mask(segment_ids, t)
+        mask = attention_mask(segment_ids, t, causal=not cfg.bidirectional)
         x = self.run_blocks(x, positions, mask, keys[1])
         return self.final_norm(x)
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from flaxpod.data.tokenizer import train_char_tokenizer, train_sentencepiece
 from flaxpod.model.decode import left_pad, make_generate
-from flaxpod.train.config import Config, ModelConfig, TokenizerConfig
+from flaxpod.train.config import Config, ModelConfig, TokenizerConfig, TrainConfig
 from flaxpod.train.export import run_export
 from flaxpod.train.import_hf import import_hf
 from flaxpod.train.run_dir import load_run, single_device_mesh, write_params_run
@@ -256,3 +256,42 @@ def test_plain_safetensors_and_bfloat16_export(tokenizers, tmp_path):
     )
     with pytest.raises(ValueError, match="not empty"):
         run_export(tmp_path / "run", tmp_path / "bf16")
+
+
+def test_encoder_exports_as_eurobert_and_imports_back(text, tmp_path):
+    """A masked-LM (bidirectional llama) run is EuroBertForMaskedLM: logits within 1e-4 on a sentence with
+    [MASK], the same top-5 fills, and import-hf gives back the same parameters as an mlm run."""
+    from flaxpod.data.tokenizer import MASK_TOKEN
+
+    tok = train_sentencepiece([text], 300, user_defined_symbols=[MASK_TOKEN])
+    m = ModelConfig(
+        family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=64, vocab_size=320, bidirectional=True
+    )
+    cfg = Config(
+        run_dir=str(tmp_path / "run"), model=m, tokenizer=TokenizerConfig(), train=TrainConfig(objective="mlm")
+    )
+    write_params_run(tmp_path / "run", cfg, tok, _random_params(m, seed=3), step=5)
+    run_export(tmp_path / "run", tmp_path / "hf")
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(hf).__name__ == "EuroBertForMaskedLM"
+    mask_id = tok.token_id(MASK_TOKEN)
+    assert hf.config.mask_token_id == mask_id
+    ids = tok.encode(text[:120])[:30]
+    ids[5] = ids[17] = mask_id
+    run = load_run(tmp_path / "run", mesh=single_device_mesh())
+    ours = _ours_logits(run, ids)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.std(ours) > 0.5
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+    # Bidirectional: changing the last token changes the first position's logits (a causal model's would not).
+    changed = _ours_logits(run, ids[:-1] + [ids[-1] + 1])
+    assert np.abs(changed[0] - ours[0]).max() > 1e-3
+    assert [np.argsort(-ours[t])[:5].tolist() for t in (5, 17)] == [
+        np.argsort(-theirs[t])[:5].tolist() for t in (5, 17)
+    ]
+
+    back = load_run(import_hf(tmp_path / "hf", tmp_path / "back"), mesh=single_device_mesh())
+    assert back.cfg.model.bidirectional and back.cfg.train.objective == "mlm"
+    for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(run.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

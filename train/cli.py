@@ -23,6 +23,7 @@ SUBCOMMANDS = {
         "loss, perplexity, bits per byte and multiple-choice accuracy of a checkpoint",
     ),
     "generate": ("flaxpod.train.generate", "main", "sample text from a checkpoint (KV-cache decoding)"),
+    "fill-mask": ("flaxpod.train.fill_mask", "main", "top-k fills of [MASK] tokens from a masked-LM run"),
     "predict": ("flaxpod.train.predict", "main", "labels and probabilities of texts from a classification run"),
     "export": ("flaxpod.train.export", "main", "write a checkpoint as a Hugging Face model directory or safetensors"),
     "import-hf": ("flaxpod.train.import_hf", "main", "turn a Hugging Face GPT-2/Llama directory into a run directory"),

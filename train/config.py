@@ -132,6 +132,19 @@ class TrainConfig:
     nonfinite: str = "skip"
     """A step whose loss or gradients are not finite never changes the parameters. `skip`: go on (counted in
     the skipped_steps metric); `stop`: stop at the next log step with exit code 3, keeping the last checkpoint."""
+    objective: str = "causal"
+    """Pretraining objective: `causal` (next-token prediction) or `mlm` (masked-LM encoder: bidirectional attention
+    within a document, loss on the `mlm.mask_prob` selected tokens; see the `mlm` section)."""
+
+
+@dataclass
+class MlmConfig:
+    mask_prob: float = 0.15
+    """train.objective=mlm: fraction of the non-padding, non-special tokens selected for prediction (BERT: 0.15)."""
+    mask_fraction: float = 0.8
+    """Of the selected tokens, the fraction replaced by the mask token."""
+    random_fraction: float = 0.1
+    """Of the selected tokens, the fraction replaced by a random token (the rest stay as they are)."""
 
 
 @dataclass
@@ -197,6 +210,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -211,6 +225,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "train.nonfinite": ("skip", "stop"),
+    "train.objective": ("causal", "mlm"),
     "finetune.task": ("sft", "classify", "lm"),
     "finetune.init": ("pretrained", "random"),
 }
@@ -253,6 +268,17 @@ def validate(cfg: Config) -> None:
     if cfg.data.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}"
+        )
+    if not (0.0 < cfg.mlm.mask_prob < 1.0 and cfg.mlm.mask_fraction >= 0 and cfg.mlm.random_fraction >= 0):
+        raise ConfigError(f"mlm: expected 0 < mask_prob < 1 and non-negative fractions, got {cfg.mlm}")
+    if cfg.mlm.mask_fraction + cfg.mlm.random_fraction > 1.0:
+        raise ConfigError(
+            f"mlm.random_fraction: mask_fraction + random_fraction must be <= 1, got "
+            f"{cfg.mlm.mask_fraction} + {cfg.mlm.random_fraction}"
+        )
+    if cfg.model.bidirectional and cfg.train.objective == "causal" and cfg.finetune.task != "classify":
+        raise ConfigError(
+            "model.bidirectional: a causal LM must not see the tokens it predicts; use train.objective=mlm"
         )
     m, mesh = cfg.model, cfg.mesh
     sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}

@@ -16,7 +16,7 @@ import numpy as np
 from flaxpod.data.pipeline import make_eval_batches, make_train_iterator, split_tokens, tokenize_corpus
 from flaxpod.data.prepared import load_dataset_metadata, make_packed_eval_batches, make_packed_train_iterator
 from flaxpod.data.text import read_corpus, resolve_text_paths
-from flaxpod.data.tokenizer import Tokenizer, load_tokenizer
+from flaxpod.data.tokenizer import MASK_TOKEN, Tokenizer, load_tokenizer
 from flaxpod.data.tokenizer_training import saved_or_given_tokenizer, train_tokenizer_on_texts
 from flaxpod.train.config import Config, ConfigError
 
@@ -65,7 +65,11 @@ def _text_data(cfg: Config, run_dir: Path, paths: list[str]) -> RunData:
         corpus.documents = truncate_documents(corpus.documents, cfg.data.max_bytes)
     # A tokenizer trained here is saved with the run by the loop.
     tokenizer = _saved_or_configured_tokenizer(cfg, run_dir) or train_tokenizer_on_texts(
-        cfg.tokenizer.kind, corpus.documents, vocab_size=cfg.tokenizer.vocab_size, model_type=cfg.tokenizer.model_type
+        cfg.tokenizer.kind,
+        corpus.documents,
+        vocab_size=cfg.tokenizer.vocab_size,
+        model_type=cfg.tokenizer.model_type,
+        special_tokens=(MASK_TOKEN,) if cfg.train.objective == "mlm" else (),
     )
     tokens = tokenize_corpus(corpus, tokenizer)
     train_tokens, val_tokens = split_tokens(

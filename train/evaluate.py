@@ -11,6 +11,10 @@ restarting at each window (as training's validation does). loss = mean cross ent
 per predicted token, perplexity = exp(loss), bits per byte = total nats / ln 2 / UTF-8 bytes of
 the predicted text.
 
+Masked-LM runs (train.objective=mlm): text metrics are masked-token loss and accuracy with the fixed
+masking seed 0, and `--pll` adds pseudo-log-likelihood per token (slow: one pass per token); see
+train/mlm_eval.py.
+
 Multiple choice, scored the way lm-evaluation-harness scores `multiple_choice` tasks: for each
 choice, the log-likelihood of " " + choice given the query (tokenized whole and split where the
 query's tokens end; left-truncated to the model's context). acc takes the choice with the
@@ -301,6 +305,7 @@ def run_evaluate(
     classify: list[str] = (),
     extractor: str = "full",
     max_new_tokens: int = 64,
+    pll: bool = False,
 ) -> dict[str, Any]:
     """Evaluates a checkpoint; returns {"step", "results": {task: metrics}} and writes it as JSON."""
     import jax
@@ -326,6 +331,17 @@ def run_evaluate(
     if not 0 < window <= max_len:
         raise ValueError(f"--seq-len: expected 1..{max_len} (model.max_seq_len), got {window}")
     scorer = Scorer(run, batch_size)
+    if run.cfg.train.objective == "mlm":
+        # An encoder has no next-token loss: its text metrics are masked-token ones (train/mlm_eval.py).
+        from flaxpod.train import mlm_eval
+
+        def lm_metrics(_scorer, tokens, window, _nbytes):
+            return mlm_eval.masked_lm_metrics(run, tokens, window, batch_size)
+
+        if mc:
+            raise ValueError("--mc: multiple-choice scoring needs a causal run; this one is masked-LM")
+    elif pll:
+        raise ValueError("--pll: pseudo-log-likelihood needs a masked-LM run (train.objective=mlm)")
     results: dict[str, dict[str, Any]] = {}
     for spec, corpus in corpora.items():
         try:
@@ -333,6 +349,8 @@ def run_evaluate(
         except ValueError as e:
             raise ValueError(f"--text {spec}: {e}") from None
         results[f"text:{Path(spec).name}"] = lm_metrics(scorer, tokens, window, nbytes)
+        if pll:
+            results[f"pll:{Path(spec).name}"] = mlm_eval.pseudo_log_likelihood(run, tokens, window, batch_size, limit)
     for dataset_dir in datasets:
         tokens = np.concatenate(prepared_tokens(dataset_dir, run.tokenizer))
         nbytes = len(run.tokenizer.decode(tokens[1:].tolist()).encode("utf-8"))
@@ -436,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extractor", default="full", help="--sft answer: full, after:MARKER or regex:PATTERN")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="--sft: tokens generated per prompt")
     parser.add_argument("--classify", action="append", default=[], help="labelled CSV/TSV/JSONL: classification report")
+    parser.add_argument(
+        "--pll", action="store_true", help="masked-LM runs: pseudo-log-likelihood of --text (one pass per token: slow)"
+    )
     args = parser.parse_args(argv)
 
     from flaxpod.sharding.distributed import initialize_from_env
@@ -457,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             classify=args.classify,
             extractor=args.extractor,
             max_new_tokens=args.max_new_tokens,
+            pll=args.pll,
         )
     )
 

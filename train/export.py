@@ -107,6 +107,12 @@ def export_hf(
     tensors = to_hf(params, m)
     eos, bos, pad = tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id
     config = hf_config(m, bos_id=bos, eos_id=eos, pad_id=pad, dtype=dtype)
+    if m.bidirectional:
+        from flaxpod.train.mlm import mask_token_id
+
+        if m.num_labels:
+            raise ValueError("a bidirectional classifier has no exact transformers class: use --format safetensors")
+        config["mask_token_id"] = mask_token_id(tokenizer)
     if m.num_labels:
         classifier_head(tensors, config, params, cfg, labels or [str(i) for i in range(m.num_labels)])
     tensors = {k: v.astype(DTYPES[dtype]) for k, v in tensors.items()}

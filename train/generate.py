@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     from flaxpod.train.cli import check_option, run_guarded
 
     def job() -> None:
-        from flaxpod.train.run_dir import load_run
+        from flaxpod.model.errors import InputError
+        from flaxpod.train.run_dir import load_run, load_run_config
 
+        if load_run_config(args.run_dir).train.objective == "mlm":
+            raise InputError(f"{args.run_dir}: a masked-LM encoder does not generate text; use flaxpod fill-mask")
         prompts = read_prompts(args.prompt, args.prompts_file)
         check_option("--batch-size", args.batch_size, minimum=1)
         check_option("--max-new-tokens", args.max_new_tokens, minimum=1)

@@ -106,7 +106,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | N
     from flaxpod.data.hf_tokenizer import read_hf_tokenizer
     from flaxpod.data.tokenizer import load_tokenizer
     from flaxpod.model.hf_weights import drop_zero_biases, from_hf
-    from flaxpod.train.config import Config, ConfigError, TokenizerConfig
+    from flaxpod.train.config import Config, ConfigError, TokenizerConfig, TrainConfig
     from flaxpod.train.run_dir import write_params_run
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -128,8 +128,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | N
     params = from_hf(read_safetensors(hf_dir), model_cfg, str(hf_dir))
     params, model_cfg = drop_zero_biases(params, model_cfg)
     tok_cfg = TokenizerConfig(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size if tokenizer.vocab_size > 0 else 1)
+    train = TrainConfig(objective="mlm" if model_cfg.bidirectional else "causal")  # an encoder resumes as one
     try:
-        cfg = Config(run_dir=str(out), model=model_cfg, tokenizer=tok_cfg)
+        cfg = Config(run_dir=str(out), model=model_cfg, tokenizer=tok_cfg, train=train)
     except ConfigError as e:
         raise ConfigError(f"{config_path}: gives an unusable model: {e}") from None
     return write_params_run(out, cfg, tokenizer, params, step=0)

@@ -28,6 +28,7 @@ from flaxpod.train.early_stopping import EarlyStopping
 from flaxpod.train.faults import Decision, NonFiniteWatch, RunControl, StopRequested
 from flaxpod.train.flops import flops_per_token, peak_flops_per_device
 from flaxpod.train.metrics import MetricsWriter, StepProgress, format_duration
+from flaxpod.train.mlm import pretraining_objective, with_objective_model
 from flaxpod.train.run_lock import RunDirNotWritable, hold_run_dir
 from flaxpod.train.state import TrainState
 from flaxpod.train.trainer import Trainer
@@ -138,11 +139,11 @@ def run_pretraining(cfg: Config) -> dict[str, Any]:
     check_against_devices(cfg, jax.device_count())
     check_run_dir(cfg)
     data = load_run_data(cfg, run_dir)
-    cfg = resolve_model_config(cfg, data.tokenizer)
+    cfg = with_objective_model(resolve_model_config(cfg, data.tokenizer))
     check_resume_compatible(cfg, run_dir)
     if cfg.model.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"model.seq_len: {cfg.model.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    trainer = Trainer.from_config(cfg)
+    trainer = Trainer.from_config(cfg, pretraining_objective(cfg, data.tokenizer))
 
     # Inputs are valid: `fit` takes the run directory's lock and writes it once the run restores.
     log(f"data: {data.description}")

@@ -12,6 +12,8 @@ from flax import nnx
 from flaxpod.train.objectives import Batch, Objective
 from flaxpod.train.state import StateLayout, TrainState
 
+PREPARE_STREAM = 1  # fold_in index of the input-corruption key derived from a step's key
+
 
 def keep_if(ok: jax.Array, new, old):
     """`new` where the scalar `ok` holds, else `old`, leaf by leaf."""
@@ -31,6 +33,7 @@ def make_train_step(
     """`frozen`: a tree like the params of Python bools; frozen leaves are wrapped in stop_gradient, so
     autodiff computes no weight gradient for them (their gradient is a zero the optimizer ignores)."""
     graphdef = layout.graphdef
+    prepare = getattr(objective, "prepare", None)
 
     def micro_loss(params, micro: Batch, total_weight, key):
         if frozen is not None:
@@ -42,6 +45,10 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng, step_key = jax.random.split(state.rng)
+        if prepare is not None:
+            # Objectives that corrupt their input (masked LM) draw the corruption from the step's key, so it is a
+            # pure function of (seed, step) and a resumed run repeats it; the fold keeps it apart from dropout's.
+            batch = prepare(batch, jax.random.fold_in(step_key, PREPARE_STREAM))
         total_weight = jnp.maximum(objective.weight(batch), 1.0)
         params = state.params
 
@@ -86,9 +93,13 @@ def make_train_step(
 
 
 def make_eval_step(layout: StateLayout, objective: Objective) -> Callable[[dict, Batch], tuple[dict, jax.Array]]:
-    """(params, batch) -> ({metric: sum over the batch}, the batch's weight)."""
+    """(params, batch) -> ({metric: sum over the batch}, the batch's weight). An objective that corrupts its
+    input does it with its fixed evaluation key (key None), so evaluations are comparable across steps."""
+    prepare = getattr(objective, "prepare", None)
 
     def eval_step(params, batch):
+        if prepare is not None:
+            batch = prepare(batch, None)
         _, sums = objective.loss_sums(nnx.merge(layout.graphdef, params), batch, None)
         return sums, objective.weight(batch)
 
