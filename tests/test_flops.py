@@ -22,8 +22,8 @@ def test_flops_per_token_is_6n_plus_attention(family):
         f = 4 * d
         per_layer = 4 * d * d + 3 * d + d + 2 * d * f + f + d + 2 * 2 * d
         n = L * per_layer + 2 * d
-    else:  # q, o full; k, v for 2 of 4 heads; SwiGLU (f = 8/3*32 rounded up to 256); 2 RMSNorms; final RMSNorm
-        f = 256
+    else:  # q, o full; k, v for 2 of 4 heads; SwiGLU (8/3*32 = 85, rounded up to 128); 2 RMSNorms; final RMSNorm
+        f = 128
         per_layer = 2 * d * h * hd + 2 * d * kv * hd + 3 * d * f + 2 * d
         n = L * per_layer + d
     # Tied head: the embedding (and gpt2's position table) is not counted, as in nanoGPT's estimate_mfu.

@@ -331,11 +331,12 @@ def run_evaluate(
     if not 0 < window <= max_len:
         raise ValueError(f"--seq-len: expected 1..{max_len} (model.max_seq_len), got {window}")
     scorer = Scorer(run, batch_size)
+    text_metrics = lm_metrics
     if run.cfg.train.objective == "mlm":
         # An encoder has no next-token loss: its text metrics are masked-token ones (train/mlm_eval.py).
         from flaxpod.train import mlm_eval
 
-        def lm_metrics(_scorer, tokens, window, _nbytes):
+        def text_metrics(_scorer, tokens, window, _nbytes):
             return mlm_eval.masked_lm_metrics(run, tokens, window, batch_size)
 
         if mc:
@@ -348,16 +349,16 @@ def run_evaluate(
             tokens, nbytes = text_tokens(run.tokenizer, corpus.documents)
         except ValueError as e:
             raise ValueError(f"--text {spec}: {e}") from None
-        results[f"text:{Path(spec).name}"] = lm_metrics(scorer, tokens, window, nbytes)
+        results[f"text:{Path(spec).name}"] = text_metrics(scorer, tokens, window, nbytes)
         if pll:
             results[f"pll:{Path(spec).name}"] = mlm_eval.pseudo_log_likelihood(run, tokens, window, batch_size, limit)
     for dataset_dir in datasets:
         tokens = np.concatenate(prepared_tokens(dataset_dir, run.tokenizer))
         nbytes = len(run.tokenizer.decode(tokens[1:].tolist()).encode("utf-8"))
-        results[f"dataset:{Path(dataset_dir).name}"] = lm_metrics(scorer, tokens, window, nbytes)
+        results[f"dataset:{Path(dataset_dir).name}"] = text_metrics(scorer, tokens, window, nbytes)
     if val:
         tokens, nbytes = _validation_split(run)
-        results["val"] = lm_metrics(scorer, tokens, window, nbytes)
+        results["val"] = text_metrics(scorer, tokens, window, nbytes)
     for path, rows in mc_rows.items():
         results[f"mc:{Path(path).stem}"] = mc_metrics(scorer, run.tokenizer, rows, max_len)
     per_example: dict[str, list[dict]] = {}
