@@ -60,6 +60,18 @@ model:
   remat: full
   scan_layers: true
   init_std: 0.02
+  num_labels: 0
+  pooling: last
+  lora:
+    rank: 0
+    alpha: 16.0
+    dropout: 0.0
+    targets:
+    - q
+    - v
+    init: kaiming
+    train_fully: []
+  bidirectional: false
 tokenizer:
   kind: sentencepiece
   vocab_size: 128000
@@ -72,6 +84,35 @@ data:
   window_stride: 0
   max_bytes: 0
   weights: []
+  val_path: ''
+  text_field: text
+  label_field: label
+  prompt_field: prompt
+  response_field: response
+  messages_field: messages
+  prompt_template: '### Instruction:
+
+    {prompt}
+
+
+    ### Response:
+
+    '
+  system_template: '<|system|>
+
+    {content}
+
+    '
+  user_template: '<|user|>
+
+    {content}
+
+    '
+  assistant_template: '<|assistant|>
+
+    {content}
+
+    '
 mesh:
   data: 1
   fsdp: -1
@@ -99,6 +140,11 @@ train:
   eval_steps: 50
   grad_accum: 1
   nonfinite: skip
+  objective: causal
+mlm:
+  mask_prob: 0.15
+  mask_fraction: 0.8
+  random_fraction: 0.1
 checkpoint:
   every: 500
   every_minutes: 0.0
@@ -110,6 +156,25 @@ logging:
   tensorboard: true
   peak_flops: 0.0
   show_sharding: false
+finetune:
+  task: sft
+  base: ''
+  base_step: -1
+  init: pretrained
+  lr_mult: {}
+  freeze: []
+  class_weights: false
+  early_stop_metric: ''
+  patience: 0
+  lora:
+    rank: 0
+    alpha: 16.0
+    dropout: 0.0
+    targets:
+    - q
+    - v
+    init: kaiming
+    train_fully: []
 FLAXPOD_CONFIG
     gcloud compute tpus tpu-vm scp "$CONFIG" "$TPU:flaxpod-config.yaml" --worker=all "${WHERE[@]}"
     gcloud compute tpus tpu-vm ssh "$TPU" --worker=all "${WHERE[@]}" --command="$START"
