@@ -80,6 +80,7 @@ def classify_args(work: Path, run_dir: Path, *extra: str) -> list[str]:
         f"data.val_path={work / 'test.csv'}",
         "data.label_field=category",
         "model.seq_len=16",
+        "model.pooling=last",  # transformers' sequence classifiers pool the last token: the HF export is exact
         "data.batch_size=16",
         "train.steps=30",
         "train.eval_every=10",
