@@ -270,14 +270,15 @@ def test_sft_end_to_end(work, tmp_path, capsys):
     np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-4)
 
 
-@pytest.mark.slow
-def test_kill9_during_finetuning_resumes_bit_for_bit(work, tmp_path):
+def assert_kill9_resumes_bit_for_bit(work: Path, tmp_path: Path, *extra: str) -> Path:
+    """A classify finetuning run killed (-9) right after its step-10 checkpoint and re-run ends exactly as
+    an uninterrupted one: every metric row and the final parameters, bit for bit. Returns the reference."""
     environ = {**os.environ, "JAX_PLATFORMS": "cpu"}
     flaxpod = [sys.executable, "-m", "flaxpod.train.cli"]
     reference = tmp_path / "reference"
-    assert start([*flaxpod, *classify_args(work, reference)], tmp_path / "ref.log", environ).wait(600) == 0
+    assert start([*flaxpod, *classify_args(work, reference, *extra)], tmp_path / "ref.log", environ).wait(600) == 0
     killed = tmp_path / "killed"
-    cmd = [*flaxpod, *classify_args(work, killed)]
+    cmd = [*flaxpod, *classify_args(work, killed, *extra)]
     proc = start(cmd, tmp_path / "killed.log", environ)
     assert signal_when(proc, lambda: is_committed(killed, 10), signal.SIGKILL), "ended before the kill"
     assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -285,6 +286,12 @@ def test_kill9_during_finetuning_resumes_bit_for_bit(work, tmp_path):
     c = compare_runs(reference, killed, from_step=10)
     assert not c.missing and c.first_difference is None, (c.missing[:3], c.first_difference)
     assert c.params_equal
+    return reference
+
+
+@pytest.mark.slow
+def test_kill9_during_finetuning_resumes_bit_for_bit(work, tmp_path):
+    assert_kill9_resumes_bit_for_bit(work, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

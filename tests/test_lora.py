@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 import jax
@@ -24,8 +21,7 @@ from flaxpod.train.objectives import class_logits, forward
 from flaxpod.train.run_dir import host_params, load_run, restore_params, single_device_mesh, write_params_run
 from flaxpod.train.state import abstract_model, init_params
 
-from tests.test_finetune import classify_args, metric, sft_args, work  # noqa: F401  (the module's fixture)
-from tools.resume_check import compare_runs, is_committed, signal_when, start
+from tests.test_finetune import assert_kill9_resumes_bit_for_bit, classify_args, metric, sft_args, work  # noqa: F401  (the module's fixture)
 
 ALL = {"llama": ["q", "k", "v", "o", "up", "gate", "down"], "gpt2": ["q", "k", "v", "o", "up", "down"]}
 
@@ -97,19 +93,7 @@ def params_bytes(params: dict) -> int:
 
 @pytest.mark.slow
 def test_kill9_lora_resumes_bit_for_bit_and_checkpoints_hold_adapters(work, tmp_path):  # noqa: F811
-    environ = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    flaxpod = [sys.executable, "-m", "flaxpod.train.cli"]
-    reference = tmp_path / "reference"
-    assert start([*flaxpod, *classify_args(work, reference, *LORA)], tmp_path / "ref.log", environ).wait(600) == 0
-    killed = tmp_path / "killed"
-    cmd = [*flaxpod, *classify_args(work, killed, *LORA)]
-    proc = start(cmd, tmp_path / "killed.log", environ)
-    assert signal_when(proc, lambda: is_committed(killed, 10), signal.SIGKILL), "ended before the kill"
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert start(cmd, tmp_path / "killed.log", environ).wait(600) == 0, (tmp_path / "killed.log").read_text()[-2000:]
-    c = compare_runs(reference, killed, from_step=10)
-    assert not c.missing and c.first_difference is None, (c.missing[:3], c.first_difference)
-    assert c.params_equal
+    reference = assert_kill9_resumes_bit_for_bit(work, tmp_path, *LORA)
     # The checkpoint holds the adapters and the head only: a small fraction of the base's parameters.
     saved, _ = restore_params(reference, 30)
     names = {"/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]}
