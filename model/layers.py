@@ -19,6 +19,7 @@ from flaxpod.model.config import ModelConfig
 from flaxpod.model.lora import Adapters
 
 Init = Literal["normal", "ones", "zeros"]
+CAUSAL_BLOCK = 128  # query rows per block of causal self-attention (Attention.attend)
 
 
 def make_param(
@@ -44,6 +45,23 @@ def make_param(
     else:  # a typo must not quietly give zeros
         raise ValueError(f"make_param: init expected one of {list(typing.get_args(Init))}, got {init!r}")
     return nnx.Param(value, axes=names)
+
+
+def dense(x: jax.Array, w: jax.Array, in_dims: int = 1, preferred_element_type=None) -> jax.Array:
+    """x [..., *w.shape[:in_dims]] contracted with w -> [..., *w.shape[in_dims:]], as ONE 2-D matmul.
+
+    Why not an einsum over [B, T, ...]: the weight gradient of such an einsum contracts two dimensions
+    (batch and time), and XLA:CPU lowers that by physically transposing an activation-sized operand,
+    usually fused into the elementwise code that produces it, where the strided writes made those
+    fusions a third of the CPU step (tools/bench_vs_torch.py; docs/benchmarks.md). Flattened to
+    [B*T, in] @ [in, out], the forward and both gradients are plain matrix products that take
+    transposed operands without copies. The reshapes are free (row-major bitcasts), and the merged
+    leading dimension keeps the batch sharding (the length axis is never sharded).
+    """
+    lead = x.shape[: x.ndim - in_dims]
+    k = math.prod(w.shape[:in_dims])
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *w.shape[in_dims:])
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -127,9 +145,9 @@ class Attention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, lora_key: jax.Array | None = None
     ) -> tuple[jax.Array, ...]:
         dtype = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dtype))
+        q = dense(x, self.q[...].astype(dtype))
+        k = dense(x, self.k[...].astype(dtype))
+        v = dense(x, self.v[...].astype(dtype))
         if self.q_bias is not None:
             q = q + self.q_bias[...].astype(dtype)
             k = k + self.k_bias[...].astype(dtype)
@@ -150,17 +168,51 @@ class Attention(nnx.Module):
         if self.cfg.attention == "fused" and not (dropout_key is not None and self.cfg.dropout):
             return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=self.cfg.attention_impl)
         groups = h // self.n_kv
-        qg = q.reshape(b, t, self.n_kv, groups, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(hd)
+        # Heads-major layout ([B, KV, G, T, D], as PyTorch's SDPA takes it), transposed once here: then
+        # both products and their gradients are batched matmuls in XLA's canonical form (batch dims
+        # first, contraction last), where contracting a [B, T, KV, G, D] array directly made XLA:CPU
+        # transpose several score-sized operands per layer (1.3-1.6x slower attention; docs/benchmarks.md).
+        qg = q.reshape(b, t, self.n_kv, groups, hd).transpose(0, 2, 3, 1, 4)
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if self.cfg.bidirectional or t != k.shape[1] or t <= CAUSAL_BLOCK:
+            out = self._softmax_attend(qg, kt, vt, mask, dropout_key)
+        else:
+            # Causal self-attention in query blocks: block i needs only the keys up to its last query,
+            # so the all-masked upper-right score blocks are never computed (the saving FlashAttention's
+            # causal mode makes; about a quarter of the attention time at T=256). Exact: the skipped
+            # keys have probability 0.
+            outs = []
+            for start in range(0, t, CAUSAL_BLOCK):
+                end = min(start + CAUSAL_BLOCK, t)
+                key = None if dropout_key is None else jax.random.fold_in(dropout_key, start)
+                rows = (slice(None),) * 3 + (slice(start, end),)
+                outs.append(
+                    self._softmax_attend(qg[rows], kt[:, :, :end], vt[:, :, :end], mask[:, start:end, :end], key)
+                )
+            out = jnp.concatenate(outs, axis=3)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+
+    def _softmax_attend(self, qg, kt, vt, mask: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        """qg: [B, KV, G, T, D]; kt, vt: [B, KV, S, D]; mask: [B or 1, T, S]. Returns [B, KV, G, T, D].
+
+        Softmax with deferred normalization, as FlashAttention does it: exp(scores - row max) times V, then
+        the [.., T, D] output divided by the row sums, instead of normalizing the [.., T, S] probabilities
+        (S/D times more elements); the scale goes on q for the same reason. The row max is a constant
+        shift that cancels, so its gradient is stopped (exact, and spares its backward). Dropout on the
+        unnormalized weights equals dropout on the probabilities. On CPU this took the T=256 attention
+        from ~135 to ~110 ms per layer (forward + backward; docs/benchmarks.md).
+        """
+        scores = jnp.einsum(
+            "bkgtd,bksd->bkgts", qg * (1.0 / math.sqrt(qg.shape[-1])), kt, preferred_element_type=jnp.float32
+        )
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = dropout(probs, self.cfg.dropout, dropout_key).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        return out.reshape(b, t, h, hd)
+        weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+        dropped = dropout(weights, self.cfg.dropout, dropout_key).astype(vt.dtype)
+        out = jnp.einsum("bkgts,bksd->bkgtd", dropped, vt, preferred_element_type=jnp.float32)
+        return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(vt.dtype)
 
     def output(self, out: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
-        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(out.dtype))
+        y = dense(out, self.o[...].astype(out.dtype), in_dims=2)
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(y.dtype)
         return y if self.lora is None else self.lora("o", out, y, lora_key)
@@ -192,15 +244,15 @@ class MLP(nnx.Module):
         adapt = (
             (lambda name, x_, y_: y_) if self.lora is None else (lambda name, x_, y_: self.lora(name, x_, y_, lora_key))
         )
-        h = adapt("up", x, x @ self.up[...].astype(dtype))
+        h = adapt("up", x, dense(x, self.up[...].astype(dtype)))
         if self.up_bias is not None:
             h = h + self.up_bias[...].astype(dtype)
         if self.gated:
-            h = jax.nn.silu(adapt("gate", x, x @ self.gate[...].astype(dtype))) * h
+            h = jax.nn.silu(adapt("gate", x, dense(x, self.gate[...].astype(dtype)))) * h
         else:
             h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
         h = constrain(h, (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
-        y = h @ self.down[...].astype(dtype)
+        y = dense(h, self.down[...].astype(dtype))
         if self.down_bias is not None:
             y = y + self.down_bias[...].astype(dtype)
         return adapt("down", h, y)

@@ -8,7 +8,7 @@ from flax import nnx
 from flaxpod.model import axes as ax
 from flaxpod.model.axes import constrain
 from flaxpod.model.config import ModelConfig
-from flaxpod.model.layers import MLP, Attention, Norm, attention_mask, dropout, make_param
+from flaxpod.model.layers import MLP, Attention, Norm, attention_mask, dense, dropout, make_param
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -77,7 +77,7 @@ class Transformer(nnx.Module):
     ) -> jax.Array:
         x = self.hidden(tokens, segment_ids=segment_ids, positions=positions, dropout_key=dropout_key)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = dense(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
 
     def classify(

@@ -129,3 +129,32 @@ def test_dropout_changes_output_only_with_a_key():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_causal_blocks_equal_full_attention(family, monkeypatch):
+    """Causal attention computed in query blocks (skipping the all-masked key blocks) gives the logits
+    and the gradient of full attention, with blocks that do not divide the length and packed documents
+    whose boundaries fall inside blocks. Reference: jax.nn.dot_product_attention (attention: fused)."""
+    from flaxpod.model import layers
+
+    cfg = small(family)
+    graphdef, params = build(cfg)
+    segments = jnp.array([[1] * 7 + [2] * 9, [1] * 16])
+    positions = jnp.array([list(range(7)) + list(range(9)), list(range(16))])
+
+    def loss_and_grad(config):
+        g, _ = build(config)
+
+        def loss(p):
+            logits = nnx.merge(g, p)(TOKENS, segment_ids=segments, positions=positions)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 0]), logits
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, ref_logits), ref_grad = loss_and_grad(dataclasses.replace(cfg, attention="fused"))
+    monkeypatch.setattr(layers, "CAUSAL_BLOCK", 5)  # 16 = 5 + 5 + 5 + 1
+    (_, logits), grad = loss_and_grad(cfg)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=2e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
