@@ -119,7 +119,9 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0)
         x = constrain(dropout(x, cfg.dropout, keys[0]).astype(dtype), (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
-        mask = attention_mask(segment_ids, t, causal=not cfg.bidirectional)
+        # None: one causal sequence per row, which fused attention kernels take as `is_causal` (no mask).
+        plain_causal = segment_ids is None and not cfg.bidirectional
+        mask = None if plain_causal else attention_mask(segment_ids, t, causal=not cfg.bidirectional)
         x = self.run_blocks(x, positions, mask, keys[1])
         return self.final_norm(x)
 
