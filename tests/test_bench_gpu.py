@@ -38,7 +38,7 @@ def test_bench_writes_both_tables_and_checks_packed_rows(tmp_path):
         xla = packed["implementations"]["xla"][kind]
         assert xla["status"] == "ok" and xla["loss_diff"] <= 1e-5 and xla["grad_rel_diff"] <= 1e-5
         assert packed["implementations"]["cudnn"][kind]["status"].startswith("unavailable: ")
-    assert packed["documents_leaking_loss_change"] > 1e-3  # the check would see a kernel ignoring segment ids
+    assert packed["documents_leaking_loss_change"] > 1e-4  # the check would see a kernel ignoring segment ids
     table = (tmp_path / "results.md").read_text()
     header = "| " + " | ".join(title for _, title in bench_gpu.COLUMNS) + " |"
     assert header in table and "989" in table and "n/a" in table

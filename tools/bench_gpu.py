@@ -277,7 +277,8 @@ def child_main(args: argparse.Namespace) -> None:
 
 def in_child(args: argparse.Namespace, spec: str) -> dict:
     """Runs `--child spec` in a fresh process; its result, or {"status": the error's line}."""
-    argv = [sys.executable, "-m", "tools.bench_gpu", "--child", spec, *child_argv(args)]
+    flags = ["-S"] if sys.flags.no_site else []  # a dry run without site-packages (tools/gpu_run.sh) stays one
+    argv = [sys.executable, *flags, "-m", "tools.bench_gpu", "--child", spec, *child_argv(args)]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=args.combo_timeout_s)
     except subprocess.TimeoutExpired:
@@ -312,10 +313,11 @@ def combos(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def fmt(value, digits: int = 1) -> str:
+    """A table cell: n/a for missing figures, `digits` decimals, or a percentage with digits=-1."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.{digits}%}" if digits == -1 else f"{value:,.{digits}f}"
+        return f"{value:.1%}" if digits == -1 else f"{value:,.{digits}f}"
     return str(value)
 
 
@@ -376,7 +378,7 @@ def describe(args: argparse.Namespace) -> dict:
         + (f", {' '.join(args.overrides)}" if args.overrides else ""),
         "batch": f"{args.batch} x {m.seq_len} = {args.batch * m.seq_len} tokens/step; {args.warmup} warm-up + "
         f"{args.steps} timed steps after compiling; median step time",
-        "peak FLOP/s for MFU": f"{args.peak_flops:.4g} (dense bf16, H100/H200 data sheet)",
+        "peak FLOP/s for MFU": f"{args.peak_flops / 1e12:g} TFLOP/s (dense bf16, H100/H200 data sheet)",
         "FLOPs/token": f"{palm:.4g} = 6N + 12 L d T (PaLM, N = {n_nonembed / 1e9:.3f} B non-embedding, "
         f"attention not halved); MFU+head uses {with_head:.4g} (+ 6 d V for the tied LM head)",
         "peak memory": "device memory_stats()['peak_bytes_in_use'] of the combo's own process"

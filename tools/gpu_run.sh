@@ -13,6 +13,9 @@
 #    Extra arguments go to tools/bench_gpu.py, e.g. the combos a first call did not reach:
 #        run(command="bash tools/gpu_run.sh --attention einsum --remat dots,full --no-packed-check", ...)
 #    Results come back under $OUT: results.md, results.json and bench.log (everything printed).
+# A CPU dry run here, without the editable install (python -S skips it), as the device will import flaxpod:
+#    OUT=/tmp/dry PYTHON=".venv/bin/python -S" PYTHONPATH=$PWD/.venv/lib/python3.11/site-packages JAX_PLATFORMS=cpu \
+#        bash tools/gpu_run.sh --tiny --seq 16 --batch 2 --steps 1 --warmup 1 --remat none --loss-chunk 8
 #
 # flaxpod's folders install as flaxpod.model/.data/.train/.sharding (setuptools package-dir mapping), so the
 # repo root is not importable as `flaxpod`; a folder of symlinks (a namespace package) gives the same names
@@ -28,11 +31,11 @@ if [ "${1:-}" = fetch-wheels ]; then
     exit
 fi
 
-OUT="${OUT:-/tmp/flaxpod_bench}"
+OUT="${OUT:-/tmp/flaxpod_bench}" PYTHON="${PYTHON:-python3}"  # PYTHON: another interpreter (a CPU dry run here)
 mkdir -p "$OUT"
 site=/tmp/flaxpod_site shim=/tmp/flaxpod_shim
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
         || { echo "gpu_run.sh: installing the carried wheels failed" >&2; exit 1; }
 fi
 mkdir -p "$shim/flaxpod"
@@ -43,8 +46,8 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_ME
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
-    python3 -c "import jax, flax, optax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, \
+    $PYTHON -c "import jax, flax, optax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-    timeout 580 python3 -m tools.bench_gpu --out "$OUT" --steps 5 --warmup 2 --budget-s 400 --combo-timeout-s 150 "$@"
+    timeout 580 $PYTHON -m tools.bench_gpu --out "$OUT" --steps 5 --warmup 2 --budget-s 400 --combo-timeout-s 150 "$@"
     echo "bench exit code $?"
 } 2>&1 | tee "$OUT/bench.log"
