@@ -43,6 +43,7 @@ def test_bench_writes_both_tables_and_checks_packed_rows(tmp_path):
     header = "| " + " | ".join(title for _, title in bench_gpu.COLUMNS) + " |"
     assert header in table and "989" in table and "n/a" in table
     assert table.count("\n| einsum | none | 0 | ") == 1
+    assert "| xla | packed | ok, same |" in table and "| xla | causal | ok, same |" in table
 
 
 @pytest.mark.slow
