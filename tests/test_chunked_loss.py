@@ -24,19 +24,19 @@ def tiny_model(tie: bool) -> ModelConfig:
     )
 
 
-def packed_batch(seed: int) -> dict[str, np.ndarray]:
+def packed_batch(seed: int, rows: int = ROWS) -> dict[str, np.ndarray]:
     """Rows of two documents each (positions restart), a random loss mask: every input the loss reads."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, VOCAB, (ROWS, T + 1), dtype=np.int32)
+    tokens = rng.integers(0, VOCAB, (rows, T + 1), dtype=np.int32)
     split = 4
-    segment_ids = np.where(np.arange(T) < split, 1, 2).astype(np.int32)[None].repeat(ROWS, 0)
+    segment_ids = np.where(np.arange(T) < split, 1, 2).astype(np.int32)[None].repeat(rows, 0)
     positions = np.where(np.arange(T) < split, np.arange(T), np.arange(T) - split).astype(np.int32)[None]
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "segment_ids": segment_ids,
-        "positions": positions.repeat(ROWS, 0),
-        "loss_mask": (rng.random((ROWS, T)) < 0.7).astype(np.float32),
+        "positions": positions.repeat(rows, 0),
+        "loss_mask": (rng.random((rows, T)) < 0.7).astype(np.float32),
     }
 
 
@@ -68,12 +68,14 @@ def test_chunked_loss_and_gradient_equal_the_plain_ones(tie):
     assert float(jnp.max(jnp.abs(plain[2]["embed"]))) > 1e-4  # a real gradient, not zeros on both sides
 
 
-def test_one_trainer_step_is_the_same_with_chunks():
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_one_trainer_step_is_the_same_with_chunks(mesh_shape):
+    """On one device, and on a data x fsdp x tensor mesh (the vocabulary of each chunk's logits sharded)."""
     model = tiny_model(tie=True)
-    mesh = build_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = build_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
     tx, schedule = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), total_steps=10)
     trainers = [Trainer(model, mesh, make_rules("fsdp_tp"), tx, schedule, CausalLM(1e-3, chunk)) for chunk in (0, 3)]
-    batch = packed_batch(1)
+    batch = packed_batch(1, rows=4)
     results = []
     for trainer in trainers:
         state, metrics = trainer.step(trainer.init_state(seed=0), trainer.put(batch))
