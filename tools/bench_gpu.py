@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -285,7 +286,7 @@ def in_child(args: argparse.Namespace, spec: str) -> dict:
     flags = ["-S"] if sys.flags.no_site else []  # a dry run without site-packages (tools/gpu_run.sh) stays one
     argv = [sys.executable, *flags, "-m", "tools.bench_gpu", "--child", spec, *child_argv(args)]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=args.combo_timeout_s)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=args.combo_timeout_s, env=args.child_env)
     except subprocess.TimeoutExpired:
         return {"status": f"timeout: killed after {args.combo_timeout_s:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
@@ -402,6 +403,11 @@ def main(argv: list[str] | None = None) -> None:
         child_main(args)
         return
     started = time.perf_counter()
+    args.child_env = dict(os.environ)
+    if not args.no_isolate:
+        # The combos run in children with the accelerator to themselves: this process only describes the
+        # device, and must not take most of its memory as jax does when a GPU backend starts (preallocation).
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = describe(args)
