@@ -162,11 +162,19 @@ class Attention(nnx.Module):
         v = constrain(v, (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, None))
         return q, k, v
 
-    def attend(self, q, k, v, mask: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-        """q: [B, T, H, D]; k, v: [B, S, KV, D]; mask: [B or 1, T, S]. Returns [B, T, H, D]."""
+    def attend(self, q, k, v, mask: jax.Array | None, dropout_key: jax.Array | None) -> jax.Array:
+        """q: [B, T, H, D]; k, v: [B, S, KV, D]; mask: [B or 1, T, S], or None for plain causal attention
+        (T == S). Returns [B, T, H, D]. Fused kernels get None as `is_causal` with no mask: cuDNN then runs
+        its causal mask type and skips the masked blocks, whereas a boolean mask reaches it as a [B, 1, T, S]
+        additive bias (jax's combine_bias_and_mask) whose gradient it computes too."""
         b, t, h, hd = q.shape
         if self.cfg.attention == "fused" and not (dropout_key is not None and self.cfg.dropout):
-            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=self.cfg.attention_impl)
+            causal, mask = (True, None) if mask is None else (False, mask[:, None])
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=causal, implementation=self.cfg.attention_impl
+            )
+        if mask is None:
+            mask = attention_mask(None, t)
         groups = h // self.n_kv
         # Heads-major layout ([B, KV, G, T, D], as PyTorch's SDPA takes it), transposed once here: then
         # both products and their gradients are batched matmuls in XLA's canonical form (batch dims

@@ -76,9 +76,12 @@ class Transformer(nnx.Module):
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         x = self.hidden(tokens, segment_ids=segment_ids, positions=positions, dropout_key=dropout_key)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = dense(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
+        return constrain(vocab_logits(x, self.head_matrix()), (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
+
+    def head_matrix(self) -> jax.Array:
+        """The LM head [d_model, vocab] (float32 parameter): the embedding's transpose when tied. The plain
+        logits and the chunked loss (train/objectives.py) both project hidden states with it."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
     def classify(
         self,
@@ -116,7 +119,9 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0)
         x = constrain(dropout(x, cfg.dropout, keys[0]).astype(dtype), (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
-        mask = attention_mask(segment_ids, t, causal=not cfg.bidirectional)
+        # None: one causal sequence per row, which fused attention kernels take as `is_causal` (no mask).
+        plain_causal = segment_ids is None and not cfg.bidirectional
+        mask = None if plain_causal else attention_mask(segment_ids, t, causal=not cfg.bidirectional)
         x = self.run_blocks(x, positions, mask, keys[1])
         return self.final_norm(x)
 
@@ -138,6 +143,11 @@ class Transformer(nnx.Module):
             params_i = jax.tree.map(lambda a, i=i: a[i], stacked)
             x, _ = body(x, (params_i, None if layer_keys is None else layer_keys[i]))
         return x
+
+
+def vocab_logits(x: jax.Array, head: jax.Array) -> jax.Array:
+    """Hidden states [B, T, d] (compute dtype) times the head [d, V] -> float32 logits [B, T, V]."""
+    return dense(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def pool(x: jax.Array, valid: jax.Array, how: str) -> jax.Array:

@@ -115,6 +115,10 @@ class OptimConfig:
     """Global-norm gradient clipping; 0 disables."""
     z_loss: float = 0.0
     """Weight of the z-loss (log(Z)^2) that keeps logits from drifting; 0 disables."""
+    loss_chunk: int = 0
+    """Causal LM loss computed this many sequence positions at a time, recomputing each chunk's logits in the
+    backward pass, so the [batch, seq, vocab] float32 logits never exist at once (large vocabularies); 0 = off.
+    The loss and gradient equal the plain ones to float rounding; a seq_len it does not divide is padded."""
 
 
 @dataclass
@@ -260,7 +264,7 @@ def validate(cfg: Config) -> None:
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)!r}")
-    for key in ("checkpoint.every", "checkpoint.every_minutes", "checkpoint.keep_every"):
+    for key in ("checkpoint.every", "checkpoint.every_minutes", "checkpoint.keep_every", "optim.loss_chunk"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
     if not 0.0 < cfg.data.val_fraction < 1.0:

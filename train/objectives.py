@@ -13,6 +13,9 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flaxpod.model import axes as ax
+from flaxpod.model.axes import constrain
+from flaxpod.model.transformer import vocab_logits
 
 Batch = dict[str, jax.Array]
 
@@ -55,18 +58,60 @@ def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, dropout_key: jax
     return lm_logits(nnx.merge(graphdef, params), batch, dropout_key)
 
 
+def chunked_token_losses(model: nnx.Module, batch: Batch, dropout_key: jax.Array | None, chunk: int):
+    """`token_losses` of the model's logits without ever holding all of them: the hidden states are
+    projected onto the vocabulary `chunk` sequence positions at a time (a `lax.map` over chunks), and each
+    chunk is rematerialised in the backward pass (`jax.checkpoint`), so at most one [B, chunk, V] block of
+    float32 logits is alive instead of [B, T, V]. A sequence that `chunk` does not divide is padded with
+    zero hidden states whose losses are cut off again (their gradient is zero)."""
+    x = model.hidden(
+        batch["inputs"],
+        segment_ids=batch.get("segment_ids"),
+        positions=batch.get("positions"),
+        dropout_key=dropout_key,
+    )
+    b, t, d = x.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    ts = jnp.pad(batch["targets"], ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+    # The float32 head goes into the loop (cast per chunk inside vocab_logits), so its gradient is summed over
+    # chunks in float32, not in the compute dtype.
+    head = model.head_matrix()
+
+    @jax.checkpoint
+    def one_chunk(head: jax.Array, x_chunk: jax.Array, t_chunk: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = constrain(vocab_logits(x_chunk, head), (ax.BATCH, None, ax.ACT_VOCAB))
+        return token_losses(logits, t_chunk)
+
+    ce, log_z = jax.lax.map(lambda chunk_in: one_chunk(head, *chunk_in), (xs, ts))
+
+    def unchunk(a: jax.Array) -> jax.Array:
+        return a.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+
+    return unchunk(ce), unchunk(log_z)
+
+
 class CausalLM:
     """Next-token cross entropy on the targets the loss mask selects, plus an optional z-loss
-    (log Z)^2 that keeps logits from drifting. Pretraining and SFT (a response-only mask)."""
+    (log Z)^2 that keeps logits from drifting. Pretraining and SFT (a response-only mask).
 
-    def __init__(self, z_loss: float = 0.0):
-        self.z_loss = z_loss
+    `loss_chunk` > 0 computes the loss that many sequence positions at a time (`chunked_token_losses`),
+    never materialising the [B, T, vocab] float32 logits; 0 projects the whole sequence at once."""
+
+    def __init__(self, z_loss: float = 0.0, loss_chunk: int = 0):
+        if loss_chunk < 0:
+            raise ValueError(f"loss_chunk: expected >= 0 sequence positions, got {loss_chunk}")
+        self.z_loss, self.loss_chunk = z_loss, loss_chunk
 
     def weight(self, batch: Batch) -> jax.Array:
         return jnp.sum(loss_weights(batch))
 
     def loss_sums(self, model, batch, dropout_key):
-        ce, log_z = token_losses(lm_logits(model, batch, dropout_key), batch["targets"])
+        if self.loss_chunk:
+            ce, log_z = chunked_token_losses(model, batch, dropout_key, self.loss_chunk)
+        else:
+            ce, log_z = token_losses(lm_logits(model, batch, dropout_key), batch["targets"])
         w = loss_weights(batch)
         ce_sum = jnp.sum(ce * w)
         objective = ce_sum + self.z_loss * jnp.sum(jnp.square(log_z) * w) if self.z_loss else ce_sum
