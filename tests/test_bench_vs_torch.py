@@ -47,3 +47,24 @@ def test_llama_reference_gives_flaxpods_logits():
         got = model(torch.from_numpy(tokens).long()).numpy()
     assert np.abs(expected).max() > 0.1  # not a degenerate all-zero comparison
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
+
+
+def test_cpu_benchmark_alternates_three_sides(tmp_path):
+    """tools/bench_cpu.py on a shrunken shape: flaxpod and the twin agree on the first loss, the reference
+    script is run with the shape's arguments each round, and the ratio is taken against the faster torch."""
+    from tools.bench_cpu import bench_shape
+
+    fake = tmp_path / "torch_ref.py"  # stands in for ../shared/bench/torch_ref.py (tests never read ../shared)
+    fake.write_text(
+        "import json, sys\n"
+        "a = sys.argv[1:]\n"
+        "args = dict(zip(a[::2], a[1::2]))\n"
+        "assert args['--n_layer'] == '4' and args['--block_size'] == '64' and args['--bias'] == '0', args\n"
+        "json.dump({'median_ms': 0.001 * int(args['--iters'])}, open(args['--json'], 'w'))\n"
+    )
+    result = bench_shape("small", fake, rounds=3, warmup=1, overrides=TINY[1:])  # keep the shape's 4 layers
+    assert result["first_loss"]["flaxpod"] == pytest.approx(result["first_loss"]["twin"], abs=1e-4)
+    ms = result["ms_per_step"]
+    assert ms["torch_ref"] == pytest.approx(0.001 * (1 + 20))  # warm-up + the shape's 20 steps, in ms
+    assert len(result["ms_per_step_rounds"]["flaxpod"]) == 3
+    assert result["ratio_fastest_torch_over_flaxpod"] == pytest.approx(ms["torch_ref"] / ms["flaxpod"])

@@ -156,5 +156,5 @@ def test_causal_blocks_equal_full_attention(family, monkeypatch):
     monkeypatch.setattr(layers, "CAUSAL_BLOCK", 5)  # 16 = 5 + 5 + 5 + 1
     (_, logits), grad = loss_and_grad(cfg)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=2e-5)
-    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
