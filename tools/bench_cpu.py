@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from flaxpod.train.cli import run_guarded
 
     def job() -> None:
+        if args.rounds <= 0 or args.warmup < 0:
+            raise ValueError(f"--rounds must be positive and --warmup not negative, got {args.rounds}, {args.warmup}")
         names = args.shapes.split(",")
         unknown = [n for n in names if n not in SHAPES]
         if unknown:
