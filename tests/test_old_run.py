@@ -1,5 +1,10 @@
 """A run directory written before the one-trainer refactor (tests/fixtures/run_v0, made by that code)
-still resumes bit for bit, evaluates and exports."""
+still resumes, evaluates and exports.
+
+Bit for bit until issue 16: the model now computes the same function with another operation order (2-D
+projections, heads-major attention with deferred normalization, for CPU speed), so the resumed steps
+agree with the old code's floats to rounding (measured: 8.6e-8 relative on the loss) rather than bit for
+bit. Resuming with unchanged code stays bit-exact (tests/test_resume.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ from flaxpod.train.run_dir import load_run, restore_params, single_device_mesh
 from transformers import AutoModelForCausalLM
 
 from tests.helpers import run_cli
-from tests.tiny_setup import assert_bitwise_equal
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -39,11 +43,12 @@ def test_old_run_resumes_bit_for_bit_and_exports(tmp_path):
     result = run_cli(["pretrain", str(run / "config.yaml"), *overrides], devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
-    for step in (3, 4):  # the same floats, bit for bit, as the old code logged
-        assert rows(run, "loss")[step] == old_losses[step]
-        assert rows(run, "grad_norm")[step] == old_norms[step]
+    for step in (3, 4):  # the old code's floats, to rounding
+        assert rows(run, "loss")[step] == pytest.approx(old_losses[step], rel=1e-6)
+        assert rows(run, "grad_norm")[step] == pytest.approx(old_norms[step], rel=1e-5)
     new_step4, _ = restore_params(run, 4)
-    assert_bitwise_equal(new_step4, old_step4)
+    for new, old in zip(jax.tree.leaves(new_step4), jax.tree.leaves(old_step4), strict=True):
+        np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=0, atol=1e-6)
 
     out = tmp_path / "hf"
     result = run_cli(["export", str(run), "--out", str(out)], devices=1)

@@ -133,6 +133,7 @@ optim:
   weight_decay: 0.1
   grad_clip: 1.0
   z_loss: 0.0
+  loss_chunk: 0
 train:
   steps: 200000
   log_every: 10
