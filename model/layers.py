@@ -194,10 +194,8 @@ class Attention(nnx.Module):
             for start in range(0, t, CAUSAL_BLOCK):
                 end = min(start + CAUSAL_BLOCK, t)
                 key = None if dropout_key is None else jax.random.fold_in(dropout_key, start)
-                rows = (slice(None),) * 3 + (slice(start, end),)
-                outs.append(
-                    self._softmax_attend(qg[rows], kt[:, :, :end], vt[:, :, :end], mask[:, start:end, :end], key)
-                )
+                block = qg[:, :, :, start:end], kt[:, :, :end], vt[:, :, :end], mask[:, start:end, :end]
+                outs.append(self._softmax_attend(*block, key))
             out = jnp.concatenate(outs, axis=3)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
@@ -209,7 +207,7 @@ class Attention(nnx.Module):
         (S/D times more elements); the scale goes on q for the same reason. The row max is a constant
         shift that cancels, so its gradient is stopped (exact, and spares its backward). Dropout on the
         unnormalized weights equals dropout on the probabilities. On CPU this took the T=256 attention
-        from ~135 to ~110 ms per layer (forward + backward, T=256; docs/benchmarks.md).
+        from ~135 to ~110 ms per layer (forward + backward; docs/benchmarks.md).
         """
         # The mask as an additive bias built once on [B or 1, T, S] (no head dims): the add fuses into the
         # scores' product where a select did not (~15% of the attention time on CPU). -1e30, not -inf: a

@@ -11,21 +11,15 @@ the depth, so compile time stays nearly flat; unrolled, it grows with the layer 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
-import jax
-
-from tools.bench_vs_torch import CHAR_VOCAB, DEFAULT_CONFIG, bench_config, random_batches
+from tools.bench_vs_torch import CHAR_VOCAB, DEFAULT_CONFIG, bench_config, one_device_trainer, random_batches
 
 
 def compile_seconds(overrides: list[str]) -> float:
-    from flaxpod.train.trainer import Trainer
-
     cfg = bench_config(DEFAULT_CONFIG, overrides, CHAR_VOCAB)
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1))
-    trainer = Trainer.from_config(cfg, devices=jax.devices()[:1])
+    trainer = one_device_trainer(cfg)
     state = trainer.init_state(cfg.seed)
     batch = trainer.put(random_batches(cfg, CHAR_VOCAB, 1)[0])
     t0 = time.perf_counter()

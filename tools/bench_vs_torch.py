@@ -102,10 +102,15 @@ class FlaxpodBuild:
     compile_seconds: float = 0.0
 
 
+def one_device_trainer(cfg: Config) -> Trainer:
+    """The real Trainer for `cfg` on a 1x1x1 mesh of the first device."""
+    one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1))
+    return Trainer.from_config(one_device, devices=jax.devices()[:1])
+
+
 def build_flaxpod(cfg: Config, name: str = "flaxpod") -> FlaxpodBuild:
     """The real training code on a one-device mesh, exactly as train/loop.py assembles it."""
-    one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1))
-    trainer = Trainer.from_config(one_device, devices=jax.devices()[:1])
+    trainer = one_device_trainer(cfg)
     holder = {"state": trainer.init_state(cfg.seed)}
     initial = jax.tree.map(np.asarray, jax.device_get(holder["state"].params))
 

@@ -243,7 +243,7 @@ def sft_task(cfg: Config, tokenizer: Tokenizer, run_dir: Path) -> Task:
         return validate
 
     data = RunData(tokenizer, train_iter, eval_batches, description)
-    return Task(cfg, data, CausalLM(cfg.optim.z_loss, cfg.optim.loss_chunk), validator, lambda _: None)
+    return Task(cfg, data, CausalLM.from_optim(cfg.optim), validator, lambda _: None)
 
 
 def classify_task(cfg: Config, tokenizer: Tokenizer, run_dir: Path) -> Task:
@@ -303,7 +303,7 @@ def lm_task(cfg: Config, tokenizer: Tokenizer, run_dir: Path) -> Task:
     data = load_run_data(cfg, run_dir)
     if data.tokenizer.fingerprint() != tokenizer.fingerprint():
         raise InputError(f"{run_dir}/tokenizer: differs from the base's {cfg.tokenizer.path}; choose another run_dir")
-    return Task(cfg, data, CausalLM(cfg.optim.z_loss, cfg.optim.loss_chunk), lambda _: None, lambda _: None)
+    return Task(cfg, data, CausalLM.from_optim(cfg.optim), lambda _: None, lambda _: None)
 
 
 TASKS = {"sft": sft_task, "classify": classify_task, "lm": lm_task}

@@ -99,7 +99,7 @@ def with_objective_model(cfg: Config) -> Config:
 def pretraining_objective(cfg: Config, tokenizer: Tokenizer) -> Objective:
     """The loss `train.objective` names, built for this tokenizer and (resolved) model."""
     if cfg.train.objective == "causal":
-        return CausalLM(cfg.optim.z_loss, cfg.optim.loss_chunk)
+        return CausalLM.from_optim(cfg.optim)
     return MaskedLM(
         mask_token_id(tokenizer), special_token_ids(tokenizer), tokenizer.vocab_size, cfg.model.vocab_size, cfg.mlm
     )

@@ -104,6 +104,11 @@ class CausalLM:
             raise ValueError(f"loss_chunk: expected >= 0 sequence positions, got {loss_chunk}")
         self.z_loss, self.loss_chunk = z_loss, loss_chunk
 
+    @classmethod
+    def from_optim(cls, optim) -> CausalLM:
+        """The causal LM loss that `optim` (train.config.OptimConfig: z_loss, loss_chunk) configures."""
+        return cls(optim.z_loss, optim.loss_chunk)
+
     def weight(self, batch: Batch) -> jax.Array:
         return jnp.sum(loss_weights(batch))
 

@@ -67,7 +67,7 @@ class Trainer:
         tx, schedule = make_optimizer(
             cfg.optim, cfg.train.steps, lr_mult=cfg.finetune.lr_mult, frozen=frozen, lora=lora
         )
-        objective = objective if objective is not None else CausalLM(cfg.optim.z_loss, cfg.optim.loss_chunk)
+        objective = objective if objective is not None else CausalLM.from_optim(cfg.optim)
         mesh, rules = mesh_from_config(cfg, devices), make_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
         # LoRA only: a plain finetune.freeze run keeps its former step (and logged grad_norm) exactly.
         trainable = (lambda params: trainable_mask(params, frozen, lora)) if lora.rank else None
