@@ -57,11 +57,13 @@ def tiny_overrides(run_dir: Path, corpus: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_cli(args: list[str], *, devices: int = 8, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], *, devices: int | None = 8, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`devices=None`: no device count in XLA_FLAGS, so the job claims its CPU devices as a user's would."""
     env = dict(os.environ)
     # conftest's flags (optimization level) with this run's device count
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
+    env["XLA_FLAGS"] = " ".join([*flags, *count])
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(
         [sys.executable, "-m", "flaxpod.train.cli", *args],

@@ -8,7 +8,9 @@ Shapes (configs/shakespeare_char.yaml with overrides, 65 token ids, random batch
   big    nanoGPT's GPU shakespeare shape run on the CPU: 6 layers, 6 heads, 384 wide, context 256, batch 16
 
 Three sides per shape, alternated round by round with the order rotated (these machines are noisy):
-  flaxpod    the real training code (tools/bench_vs_torch.py's Trainer on one device), in this process
+  flaxpod    the real training code (tools/bench_vs_torch.py's Trainer), in this process, on the CPU
+             devices a training job claims (sharding/cpu_devices.py: one per core that the batch splits
+             across; `mesh.cpu_devices=1` measures JAX's single device with a thread pool)
   twin       tools/torch_reference.py, PyTorch eager with flaxpod's weights, in this process
   torch_ref  an independent PyTorch GPT (--torch-ref, checked bit-identical to nanoGPT's step), run
              as a fresh process each round; its own median ms/step over the round's timed steps
@@ -29,6 +31,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
+from flaxpod.sharding.cpu_devices import auto_cpu_device_count, claim_cpu_devices
+from flaxpod.train.config import Config
+
 from tools.bench_vs_torch import CHAR_VOCAB, DEFAULT_CONFIG, bench_config, build_flaxpod, build_torch, random_batches
 
 SHAPES = {
@@ -41,6 +47,10 @@ PARITY_TOLERANCE = 1e-4
 def shape_overrides(shape: dict) -> list[str]:
     model = [f"model.{k}={shape[k]}" for k in ("n_layer", "n_head", "d_model", "seq_len")]
     return [*model, f"data.batch_size={shape['batch_size']}"]
+
+
+def shape_config(name: str, overrides: list[str]) -> Config:
+    return bench_config(DEFAULT_CONFIG, [*shape_overrides(SHAPES[name]), *overrides], CHAR_VOCAB)
 
 
 @dataclass
@@ -70,9 +80,11 @@ class TorchRefSide:
 def bench_shape(name: str, ref_script: Path | None, rounds: int, warmup: int, overrides: list[str]) -> dict:
     shape = SHAPES[name]
     steps = shape["steps"]
-    cfg = bench_config(DEFAULT_CONFIG, [*shape_overrides(shape), *overrides], CHAR_VOCAB)
+    cfg = shape_config(name, overrides)
     batches = random_batches(cfg, CHAR_VOCAB, 8, seed=cfg.seed)
-    flax = build_flaxpod(cfg)
+    micro_batch = cfg.data.batch_size // cfg.train.grad_accum
+    devices = jax.devices()[: auto_cpu_device_count(cfg.mesh, micro_batch, jax.device_count())]
+    flax = build_flaxpod(cfg, devices=devices)
     twin = build_torch(cfg, flax.initial_params)
     twin.name = "twin"
     t0 = time.perf_counter()
@@ -98,6 +110,7 @@ def bench_shape(name: str, ref_script: Path | None, rounds: int, warmup: int, ov
         "shape": shape,
         "overrides": overrides,
         "steps_per_round": steps,
+        "flaxpod_devices": len(devices),
         "rounds": rounds,
         "compile_seconds": compile_seconds,
         "first_loss": {"flaxpod": flax_loss, "twin": twin_loss},
@@ -110,7 +123,8 @@ def bench_shape(name: str, ref_script: Path | None, rounds: int, warmup: int, ov
 def format_table(results: dict) -> str:
     lines = [
         f"load average before {results['load_average'][0]:.2f}, after {results['load_average'][1]:.2f} "
-        f"({os.cpu_count()} CPUs); XLA_FLAGS={os.environ.get('XLA_FLAGS') or '(none)'}",
+        f"({os.cpu_count()} CPUs); XLA_FLAGS={os.environ.get('XLA_FLAGS') or '(none)'}; flaxpod on "
+        + ", ".join(f"{r['flaxpod_devices']} devices ({name})" for name, r in results["shapes"].items()),
         f"{'shape':<7}{'flaxpod ms':>12}{'twin ms':>10}{'torch_ref ms':>14}{'ratio':>8}"
         "  (fastest torch / flaxpod; > 1: flaxpod faster)",
     ]
@@ -145,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = Path(args.torch_ref) if args.torch_ref else None
         if ref is not None and not ref.is_file():
             raise ValueError(f"--torch-ref: {ref} is not a file")
+        # Before anything starts JAX's backends: the devices `flaxpod pretrain` would claim for this shape.
+        claim_cpu_devices(shape_config(names[0], args.overrides))
         load_before = os.getloadavg()[0]
         shapes = {n: bench_shape(n, ref, args.rounds, args.warmup, args.overrides) for n in names}
         results = {"shapes": shapes, "load_average": [load_before, os.getloadavg()[0]], "command": " ".join(sys.argv)}

@@ -102,15 +102,21 @@ class FlaxpodBuild:
     compile_seconds: float = 0.0
 
 
+def data_parallel_trainer(cfg: Config, devices: list) -> Trainer:
+    """The real Trainer for `cfg` with the batch split over `devices` (a data-parallel mesh)."""
+    mesh = dataclasses.replace(cfg.mesh, data=len(devices), fsdp=1, tensor=1)
+    return Trainer.from_config(dataclasses.replace(cfg, mesh=mesh), devices=devices)
+
+
 def one_device_trainer(cfg: Config) -> Trainer:
     """The real Trainer for `cfg` on a 1x1x1 mesh of the first device."""
-    one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1))
-    return Trainer.from_config(one_device, devices=jax.devices()[:1])
+    return data_parallel_trainer(cfg, jax.devices()[:1])
 
 
-def build_flaxpod(cfg: Config, name: str = "flaxpod") -> FlaxpodBuild:
-    """The real training code on a one-device mesh, exactly as train/loop.py assembles it."""
-    trainer = one_device_trainer(cfg)
+def build_flaxpod(cfg: Config, name: str = "flaxpod", devices: list | None = None) -> FlaxpodBuild:
+    """The real training code on a one-device mesh (or data-parallel over `devices`), exactly as
+    train/loop.py assembles it."""
+    trainer = one_device_trainer(cfg) if devices is None else data_parallel_trainer(cfg, devices)
     holder = {"state": trainer.init_state(cfg.seed)}
     initial = jax.tree.map(np.asarray, jax.device_get(holder["state"].params))
 

@@ -89,6 +89,11 @@ class MeshConfig:
     """Logical-axis rule preset: `dp`, `fsdp`, or `fsdp_tp` (see sharding/rules.py)."""
     rule_overrides: dict[str, Any] = field(default_factory=dict)
     """Per-logical-axis overrides of the preset, e.g. {vocab: null, mlp: [fsdp, tensor]}."""
+    cpu_devices: int = 0
+    """CPU only (training jobs): XLA devices of the process, each running single-threaded on its own core
+    with the batch split across them. 0: one per usable core (at most 8) that the mesh and the micro-batch
+    allow; 1: JAX's single CPU device with a thread pool. Ignored when XLA_FLAGS sets
+    --xla_force_host_platform_device_count or under jax.distributed (sharding/cpu_devices.py)."""
 
 
 @dataclass
@@ -291,6 +296,8 @@ def validate(cfg: Config) -> None:
     for key, v in sizes.items():
         if v == 0 or v < -1:
             raise ConfigError(f"{key}: expected a positive size or -1, got {v}")
+    if mesh.cpu_devices < 0:
+        raise ConfigError(f"mesh.cpu_devices: expected 0 (one per core) or a positive count, got {mesh.cpu_devices}")
     for key, size, dcn in (("mesh.dcn_data", mesh.data, mesh.dcn_data), ("mesh.dcn_fsdp", mesh.fsdp, mesh.dcn_fsdp)):
         if dcn < 1:
             raise ConfigError(f"{key}: expected a positive number of slices/nodes, got {dcn}")

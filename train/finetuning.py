@@ -26,6 +26,7 @@ from flaxpod.data import sft as sft_data
 from flaxpod.data.sft_format import SFTFormat, load_sft_examples
 from flaxpod.data.tokenizer import Tokenizer
 from flaxpod.model.errors import ConfigError, InputError
+from flaxpod.sharding.cpu_devices import claim_cpu_devices
 from flaxpod.train.checkpoint import make_run_info
 from flaxpod.train.checkpoint_files import find_checkpoint
 from flaxpod.train.classification_metrics import classification_report, summary_metrics
@@ -99,6 +100,7 @@ def resolve_config(cfg: Config, base: Base, explicit: set[str]) -> Config:
 def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
     """Finetunes to cfg.train.steps (resuming from the run's latest checkpoint); returns final metrics."""
     run_dir = Path(cfg.run_dir)
+    claim_cpu_devices(cfg)
     check_against_devices(cfg, jax.device_count())
     check_run_dir(cfg)
     if cfg.data.path in ("", "stdlib"):

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from flaxpod.model.axes import activation_sharding
 from flaxpod.model.transformer import count_params
+from flaxpod.sharding.cpu_devices import cpu_compiler_options
 from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
 from flaxpod.sharding.rules import Rules, activation_resolver, make_rules
 from flaxpod.train.config import Config, ModelConfig, check_against_devices
@@ -57,6 +58,7 @@ class Trainer:
             in_shardings=(self.layout.shardings, None),
             out_shardings=(self.layout.shardings, None),
             donate_argnums=(0,),
+            compiler_options=cpu_compiler_options(mesh),
         )
         self._eval_step = self.compile_eval(make_eval_step(self.layout, objective))
 
@@ -100,6 +102,7 @@ class Trainer:
         return jax.jit(
             _with_activation_sharding(fn, activation_resolver(self.mesh, self.rules)),
             in_shardings=(self.layout.param_shardings, None),
+            compiler_options=cpu_compiler_options(self.mesh),
         )
 
     def param_counts(self) -> tuple[int, int]:

@@ -121,6 +121,7 @@ mesh:
   dcn_fsdp: 1
   rules: fsdp_tp
   rule_overrides: {}
+  cpu_devices: 0
 optim:
   lr: 0.0003
   min_lr: 3.0e-05
