@@ -16,12 +16,12 @@ import os
 import typing
 
 import jax
+from flaxpod.sharding.launch import DEVICE_COUNT_FLAG
 
 if typing.TYPE_CHECKING:
     from flaxpod.train.config import Config, MeshConfig
     from jax.sharding import Mesh
 
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # Unmeasured beyond two cores; each data-parallel device holds a full copy of the parameters and optimizer
 # state, so the automatic count stays small. `mesh.cpu_devices: N` asks for N.
 MAX_AUTO_CPU_DEVICES = 8

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+from flaxpod.sharding.launch import DEVICE_COUNT_FLAG
 
 
 def parse_bytes(text: str) -> int:
