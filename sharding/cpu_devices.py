@@ -17,6 +17,7 @@ import typing
 
 import jax
 from flaxpod.sharding.launch import DEVICE_COUNT_FLAG
+from flaxpod.train.config import micro_batch_size
 
 if typing.TYPE_CHECKING:
     from flaxpod.train.config import Config, MeshConfig
@@ -61,8 +62,7 @@ def claim_cpu_devices(cfg: Config) -> int | None:
         return None
     if jax.distributed.is_initialized():
         return None
-    micro_batch = cfg.data.batch_size // cfg.train.grad_accum
-    count = cfg.mesh.cpu_devices or auto_cpu_device_count(cfg.mesh, micro_batch, usable_cores())
+    count = cfg.mesh.cpu_devices or auto_cpu_device_count(cfg.mesh, micro_batch_size(cfg), usable_cores())
     if count is None:
         return None
     try:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import jax
 from flaxpod.sharding.cpu_devices import auto_cpu_device_count, claim_cpu_devices
-from flaxpod.train.config import Config
+from flaxpod.train.config import Config, micro_batch_size
 
 from tools.bench_vs_torch import CHAR_VOCAB, DEFAULT_CONFIG, bench_config, build_flaxpod, build_torch, random_batches
 
@@ -82,8 +82,7 @@ def bench_shape(name: str, ref_script: Path | None, rounds: int, warmup: int, ov
     steps = shape["steps"]
     cfg = shape_config(name, overrides)
     batches = random_batches(cfg, CHAR_VOCAB, 8, seed=cfg.seed)
-    micro_batch = cfg.data.batch_size // cfg.train.grad_accum
-    devices = jax.devices()[: auto_cpu_device_count(cfg.mesh, micro_batch, jax.device_count())]
+    devices = jax.devices()[: auto_cpu_device_count(cfg.mesh, micro_batch_size(cfg), jax.device_count())]
     flax = build_flaxpod(cfg, devices=devices)
     twin = build_torch(cfg, flax.initial_params)
     twin.name = "twin"

@@ -335,11 +335,16 @@ def resolve_mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, i
     return sizes[0], sizes[1], sizes[2]
 
 
+def micro_batch_size(cfg: Config) -> int:
+    """Rows of one micro-batch: the step's batch over train.grad_accum."""
+    return cfg.data.batch_size // cfg.train.grad_accum
+
+
 def check_against_devices(cfg: Config, device_count: int) -> tuple[int, int, int]:
     """Checks that need the device count: the mesh and the batch split."""
     data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, device_count)
     batch_ways = data * fsdp
-    micro = cfg.data.batch_size // cfg.train.grad_accum
+    micro = micro_batch_size(cfg)
     if micro % batch_ways:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} (micro-batch {micro} with train.grad_accum="

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flaxpod.train.checkpoint_files import abstract
-from flaxpod.train.config import Config, ConfigError
+from flaxpod.train.config import Config, ConfigError, micro_batch_size
 from flaxpod.train.flops import flops_per_token
 from flaxpod.train.loop import VOCAB_MULTIPLE
 from flaxpod.train.targets import Target, tpu_devices
@@ -279,7 +279,7 @@ def advise(cfg: Config, report: Plan) -> list[str]:
                 else ""
             )
         )
-    rows = cfg.data.batch_size // cfg.train.grad_accum // max(mesh["data"] * mesh["fsdp"], 1)
+    rows = micro_batch_size(cfg) // max(mesh["data"] * mesh["fsdp"], 1)
     temporaries = report.temporaries
     if temporaries is None and (told := _REFUSED_TEMPORARIES.search(report.compiler_refusal)):
         # The TPU compiler's own figures (in its units): scale its available HBM to ours.

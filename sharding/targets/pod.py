@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 
 from flaxpod.data.text import DEFAULT_CORPUS
 from flaxpod.model.errors import ConfigError
-from flaxpod.train.config import Config, check_against_devices
+from flaxpod.train.config import Config, check_against_devices, micro_batch_size
 
 # Directories that are private to a host on every cluster we know: a multi-host run there would
 # write one partial run directory per host.
@@ -85,7 +85,7 @@ def check_job(pod: Pod, cfg: Config, allow_gcs: bool = True) -> Job:
         )
     if pod.kind == "gpu" and pod.hosts % granules:
         raise ConfigError(f"mesh.dcn_data * mesh.dcn_fsdp = {granules} must divide the number of nodes, {pod.hosts}")
-    micro = cfg.data.batch_size // cfg.train.grad_accum
+    micro = micro_batch_size(cfg)
     if micro % pod.processes:
         raise ConfigError(
             f"data.batch_size: the micro-batch of {micro} rows (train.grad_accum={cfg.train.grad_accum}) "
