@@ -17,6 +17,7 @@ from flaxpod.model import axes as ax
 from flaxpod.model.axes import constrain
 from flaxpod.model.config import ModelConfig
 from flaxpod.model.lora import Adapters
+from flaxpod.model.softmax_attention import softmax_attention
 
 Init = Literal["normal", "ones", "zeros"]
 CAUSAL_BLOCK = 128  # query rows per block of causal self-attention (Attention.attend)
@@ -65,12 +66,17 @@ def dense(x: jax.Array, w: jax.Array, in_dims: int = 1, preferred_element_type=N
     return y.reshape(*lead, *w.shape[in_dims:])
 
 
+def dropout_scale(shape: tuple[int, ...], rate: float, key: jax.Array | None) -> jax.Array | None:
+    """Inverted dropout's multiplier (0 or 1 / (1 - rate)); None without a key (evaluation) or at rate 0."""
+    if key is None or rate == 0.0:
+        return None
+    return jnp.where(jax.random.bernoulli(key, 1.0 - rate, shape), 1.0 / (1.0 - rate), 0.0)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; a no-op without a key (evaluation) or at rate 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    scale = dropout_scale(x.shape, rate, key)
+    return x if scale is None else (x * scale).astype(x.dtype)
 
 
 class Norm(nnx.Module):
@@ -200,25 +206,13 @@ class Attention(nnx.Module):
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
     def _softmax_attend(self, qg, kt, vt, mask: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-        """qg: [B, KV, G, T, D]; kt, vt: [B, KV, S, D]; mask: [B or 1, T, S]. Returns [B, KV, G, T, D].
-
-        Softmax with deferred normalization, as FlashAttention does it: exp(scores - row max) times V, then
-        the [.., T, D] output divided by the row sums, instead of normalizing the [.., T, S] probabilities
-        (S/D times more elements); the scale goes on q for the same reason. The row max is a constant
-        shift that cancels, so its gradient is stopped (exact, and spares its backward). Dropout on the
-        unnormalized weights equals dropout on the probabilities. On CPU this took the T=256 attention
-        from ~135 to ~110 ms per layer (forward + backward; docs/benchmarks.md).
-        """
+        """qg: [B, KV, G, T, D]; kt, vt: [B, KV, S, D]; mask: [B or 1, T, S]. Returns [B, KV, G, T, D]."""
         # The mask as an additive bias built once on [B or 1, T, S] (no head dims): the add fuses into the
         # scores' product where a select did not (~15% of the attention time on CPU). -1e30, not -inf: a
         # row with every key masked then gets finite (uniform) weights instead of NaN.
         bias = jnp.where(mask, 0.0, MASKED_SCORE)[:, None, None]
-        scale = 1.0 / math.sqrt(qg.shape[-1])
-        scores = jnp.einsum("bkgtd,bksd->bkgts", qg * scale, kt, preferred_element_type=jnp.float32) + bias
-        weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-        dropped = dropout(weights, self.cfg.dropout, dropout_key).astype(vt.dtype)
-        out = jnp.einsum("bkgts,bksd->bkgtd", dropped, vt, preferred_element_type=jnp.float32)
-        return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(vt.dtype)
+        keep = dropout_scale((*qg.shape[:-1], kt.shape[2]), self.cfg.dropout, dropout_key)
+        return softmax_attention(qg, kt, vt, bias, keep)
 
     def output(self, out: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         y = dense(out, self.o[...].astype(out.dtype), in_dims=2)
