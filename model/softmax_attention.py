@@ -58,14 +58,14 @@ def _attention_bwd(res, d_out):
     d_scores = weights * (d_weights - delta)
     dropped = weights if keep is None else weights * keep
     # [B, KV, D, S] products over (G, T) with the score-sized operand on the right (the module docstring).
+    # Their outputs are in the inputs' dtype, which they are rounded to anyway: XLA:CPU has no
+    # bfloat16 x bfloat16 = float32 kernel for this form (tests/test_softmax_attention.py).
     over_gt = (((2, 3), (2, 3)), ((0, 1), (0, 1)))
-    dv = jax.lax.dot_general(
-        d_unnormalized.astype(v.dtype), dropped.astype(v.dtype), over_gt, preferred_element_type=jnp.float32
-    )
-    dk = jax.lax.dot_general(qs, d_scores.astype(qs.dtype), over_gt, preferred_element_type=jnp.float32)
+    dv = jax.lax.dot_general(d_unnormalized.astype(v.dtype), dropped.astype(v.dtype), over_gt)
+    dk = jax.lax.dot_general(qs, d_scores.astype(qs.dtype), over_gt)
     dq = jnp.einsum("bkgts,bksd->bkgtd", d_scores.astype(k.dtype), k, preferred_element_type=jnp.float32)
     dq = dq * (1.0 / math.sqrt(qs.shape[-1]))
-    grads = dq.astype(qs.dtype), jnp.swapaxes(dk, -1, -2).astype(k.dtype), jnp.swapaxes(dv, -1, -2).astype(v.dtype)
+    grads = dq.astype(qs.dtype), jnp.swapaxes(dk, -1, -2).astype(k.dtype), jnp.swapaxes(dv, -1, -2)
     return (*grads, None, None)
 
 
