@@ -17,7 +17,7 @@ from flaxpod.model import axes as ax
 from flaxpod.model.axes import constrain
 from flaxpod.model.config import ModelConfig
 from flaxpod.model.lora import Adapters
-from flaxpod.model.softmax_attention import softmax_attention
+from flaxpod.model.softmax_attention import apply_dropout, softmax_attention
 
 Init = Literal["normal", "ones", "zeros"]
 CAUSAL_BLOCK = 128  # query rows per block of causal self-attention (Attention.attend)
@@ -66,17 +66,17 @@ def dense(x: jax.Array, w: jax.Array, in_dims: int = 1, preferred_element_type=N
     return y.reshape(*lead, *w.shape[in_dims:])
 
 
-def dropout_scale(shape: tuple[int, ...], rate: float, key: jax.Array | None) -> jax.Array | None:
-    """Inverted dropout's multiplier (0 or 1 / (1 - rate)); None without a key (evaluation) or at rate 0."""
+def dropout_mask(shape: tuple[int, ...], rate: float, key: jax.Array | None) -> jax.Array | None:
+    """Inverted dropout's boolean keep-mask; None without a key (evaluation) or at rate 0."""
     if key is None or rate == 0.0:
         return None
-    return jnp.where(jax.random.bernoulli(key, 1.0 - rate, shape), 1.0 / (1.0 - rate), 0.0)
+    return jax.random.bernoulli(key, 1.0 - rate, shape)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; a no-op without a key (evaluation) or at rate 0."""
-    scale = dropout_scale(x.shape, rate, key)
-    return x if scale is None else (x * scale).astype(x.dtype)
+    keep = dropout_mask(x.shape, rate, key)
+    return x if keep is None else apply_dropout(x, keep, rate).astype(x.dtype)
 
 
 class Norm(nnx.Module):
@@ -211,8 +211,8 @@ class Attention(nnx.Module):
         # scores' product where a select did not (~15% of the attention time on CPU). -1e30, not -inf: a
         # row with every key masked then gets finite (uniform) weights instead of NaN.
         bias = jnp.where(mask, 0.0, MASKED_SCORE)[:, None, None]
-        keep = dropout_scale((*qg.shape[:-1], kt.shape[2]), self.cfg.dropout, dropout_key)
-        return softmax_attention(qg, kt, vt, bias, keep)
+        keep = dropout_mask((*qg.shape[:-1], kt.shape[2]), self.cfg.dropout, dropout_key)
+        return softmax_attention(qg, kt, vt, bias, keep, self.cfg.dropout)
 
     def output(self, out: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         y = dense(out, self.o[...].astype(out.dtype), in_dims=2)

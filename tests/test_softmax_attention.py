@@ -13,12 +13,15 @@ from flaxpod.model.softmax_attention import softmax_attention
 B, KV, G, T, D = 2, 2, 3, 24, 8
 
 
+RATE = 0.25
+
+
 def reference(q, k, v, bias, keep):
-    """Textbook attention, differentiated by JAX: normalized probabilities, then dropout."""
+    """Textbook attention, differentiated by JAX: normalized probabilities, then inverted dropout."""
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k) / math.sqrt(q.shape[-1]) + bias
     probs = jax.nn.softmax(scores, axis=-1)
     if keep is not None:
-        probs = probs * keep
+        probs = probs * keep / (1 - RATE)
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
 
 
@@ -36,9 +39,13 @@ def inputs(dtype=jnp.float32, *, dropout=False, seed=0):
     bias = jnp.where(allowed, 0.0, -1e30)[:, None, None]
     keep = None
     if dropout:
-        keep = jnp.where(jax.random.bernoulli(keys[3], 0.75, (B, KV, G, T, T)), 1 / 0.75, 0.0)
+        keep = jax.random.bernoulli(keys[3], 1 - RATE, (B, KV, G, T, T))
     cotangent = jax.random.normal(keys[4], (B, KV, G, T, D), dtype)
     return (q, k, v, bias, keep), cotangent
+
+
+def ours(q, k, v, bias, keep):
+    return softmax_attention(q, k, v, bias, keep, RATE)
 
 
 def value_and_grads(fn, args, cotangent):
@@ -54,7 +61,7 @@ def value_and_grads(fn, args, cotangent):
 @pytest.mark.parametrize("dropout", [False, True])
 def test_equals_autodiff_of_plain_attention(dropout):
     args, cotangent = inputs(dropout=dropout)
-    got = value_and_grads(softmax_attention, args, cotangent)
+    got = value_and_grads(ours, args, cotangent)
     want = value_and_grads(reference, args, cotangent)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6, err_msg=name)
@@ -67,9 +74,9 @@ def test_bfloat16_as_close_to_float32_as_autodiff():
     exact = value_and_grads(
         reference, jax.tree.map(lambda x: x.astype(jnp.float32), args), cotangent.astype(jnp.float32)
     )
-    ours = value_and_grads(softmax_attention, args, cotangent)
+    mine = value_and_grads(ours, args, cotangent)
     autodiff = value_and_grads(reference, args, cotangent)
-    for name, e, a, b in zip(("out", "dq", "dk", "dv"), exact, ours, autodiff, strict=True):
+    for name, e, a, b in zip(("out", "dq", "dk", "dv"), exact, mine, autodiff, strict=True):
         assert a.dtype == jnp.bfloat16, name
         err_ours = float(jnp.max(jnp.abs(a.astype(jnp.float32) - e)))
         err_autodiff = float(jnp.max(jnp.abs(b.astype(jnp.float32) - e)))
@@ -102,4 +109,4 @@ def test_backward_does_not_transpose_score_sized_arrays():
     hand-written backward does not."""
     args, cotangent = inputs()
     assert score_sized_copies(reference, args, cotangent), "the check no longer sees autodiff's copies"
-    assert score_sized_copies(softmax_attention, args, cotangent) == []
+    assert score_sized_copies(ours, args, cotangent) == []
