@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from flaxpod.model.errors import FlaxpodError, InputError
@@ -78,6 +79,10 @@ def _hide_library_tracebacks() -> None:
     for name in ("absl", "asyncio"):
         logging.getLogger(name).addFilter(_DropTracebacks())
     sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    # Orbax's write coroutines left pending by a failed write are collected at interpreter exit, and
+    # Python warns about each one then ("sys:1: RuntimeWarning: coroutine ... was never awaited"),
+    # after the one-line error; whether any is left pending depends on which write failed first.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
 def run_guarded(job: Callable[[], object]) -> int:
