@@ -16,6 +16,7 @@ import os
 import typing
 
 import jax
+from flaxpod.sharding.host_memory import keep_freed_memory
 from flaxpod.sharding.launch import DEVICE_COUNT_FLAG
 from flaxpod.train.config import micro_batch_size
 
@@ -70,6 +71,14 @@ def claim_cpu_devices(cfg: Config) -> int | None:
     except RuntimeError:  # the backends started earlier in this process (a library, an earlier job)
         return None
     return count
+
+
+def prepare_cpu_backend(cfg: Config) -> int | None:
+    """What a training job does before JAX's backends start: glibc keeps the memory steps free
+    (host_memory.keep_freed_memory, on the CPU only) and the CPU backend gets its devices
+    (claim_cpu_devices, whose count it returns)."""
+    keep_freed_memory()
+    return claim_cpu_devices(cfg)
 
 
 def cpu_compiler_options(mesh: Mesh) -> dict:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-from flaxpod.sharding.cpu_devices import auto_cpu_device_count, claim_cpu_devices
+from flaxpod.sharding.cpu_devices import auto_cpu_device_count, prepare_cpu_backend
 from flaxpod.train.config import Config, micro_batch_size
 
 from tools.bench_vs_torch import CHAR_VOCAB, DEFAULT_CONFIG, bench_config, build_flaxpod, build_torch, random_batches
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref is not None and not ref.is_file():
             raise ValueError(f"--torch-ref: {ref} is not a file")
         # Before anything starts JAX's backends: the devices `flaxpod pretrain` would claim for this shape.
-        claim_cpu_devices(shape_config(names[0], args.overrides))
+        prepare_cpu_backend(shape_config(names[0], args.overrides))
         load_before = os.getloadavg()[0]
         shapes = {n: bench_shape(n, ref, args.rounds, args.warmup, args.overrides) for n in names}
         results = {"shapes": shapes, "load_average": [load_before, os.getloadavg()[0]], "command": " ".join(sys.argv)}

@@ -26,7 +26,7 @@ from flaxpod.data import sft as sft_data
 from flaxpod.data.sft_format import SFTFormat, load_sft_examples
 from flaxpod.data.tokenizer import Tokenizer
 from flaxpod.model.errors import ConfigError, InputError
-from flaxpod.sharding.cpu_devices import claim_cpu_devices
+from flaxpod.sharding.cpu_devices import prepare_cpu_backend
 from flaxpod.train.checkpoint import make_run_info
 from flaxpod.train.checkpoint_files import find_checkpoint
 from flaxpod.train.classification_metrics import classification_report, summary_metrics
@@ -44,7 +44,17 @@ from flaxpod.train.trainer import Trainer
 from jax.experimental import multihost_utils
 
 # Model keys a finetuning run may set; every other model key comes from the base.
-ADJUSTABLE = ("dropout", "seq_len", "dtype", "attention", "attention_impl", "remat", "scan_layers", "pooling")
+ADJUSTABLE = (
+    "dropout",
+    "seq_len",
+    "dtype",
+    "attention",
+    "attention_impl",
+    "remat",
+    "scan_layers",
+    "mlp_chunks",
+    "pooling",
+)
 
 
 @dataclass
@@ -92,6 +102,10 @@ def resolve_config(cfg: Config, base: Base, explicit: set[str]) -> Config:
         raise ConfigError(f"model.seq_len: {model.seq_len} exceeds the base's model.max_seq_len={model.max_seq_len}")
     if base_model.lora.rank:
         raise ConfigError(f"finetune.base: {base.run_dir} is a LoRA run; export it merged and finetune the export")
+    if cfg.finetune.lora.rank and "model.mlp_chunks" not in explicit:
+        # Adapters take whole projections; the MLP in blocks computes the same function, so LoRA runs
+        # drop the base's blocks unless the user asked for them (then the config refuses the pair).
+        model = dataclasses.replace(model, mlp_chunks=1)
     model = dataclasses.replace(model, lora=cfg.finetune.lora)
     finetune = dataclasses.replace(cfg.finetune, base=str(base.run_dir), base_step=base.step)
     return dataclasses.replace(cfg, model=model, tokenizer=base.cfg.tokenizer, finetune=finetune)
@@ -100,7 +114,7 @@ def resolve_config(cfg: Config, base: Base, explicit: set[str]) -> Config:
 def run_finetuning(cfg: Config, explicit: set[str]) -> dict[str, Any]:
     """Finetunes to cfg.train.steps (resuming from the run's latest checkpoint); returns final metrics."""
     run_dir = Path(cfg.run_dir)
-    claim_cpu_devices(cfg)
+    prepare_cpu_backend(cfg)
     check_against_devices(cfg, jax.device_count())
     check_run_dir(cfg)
     if cfg.data.path in ("", "stdlib"):

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import yaml
 from flaxpod.data.tokenizer import Tokenizer, has_tokenizer
-from flaxpod.sharding.cpu_devices import claim_cpu_devices
+from flaxpod.sharding.cpu_devices import prepare_cpu_backend
 from flaxpod.sharding.mesh import sharding_table
 from flaxpod.train.checkpoint import Checkpointer, PartialParams, make_run_info
 from flaxpod.train.config import Config, ConfigError, check_against_devices, config_from_dict, save_config, to_dict
@@ -137,7 +137,7 @@ def describe(trainer: Trainer, cfg: Config) -> None:
 def run_pretraining(cfg: Config) -> dict[str, Any]:
     """Trains to cfg.train.steps (resuming from the latest checkpoint); returns final metrics."""
     run_dir = Path(cfg.run_dir)
-    claim_cpu_devices(cfg)
+    prepare_cpu_backend(cfg)
     check_against_devices(cfg, jax.device_count())
     check_run_dir(cfg)
     data = load_run_data(cfg, run_dir)
