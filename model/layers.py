@@ -231,7 +231,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, stack: int, rngs: nnx.Rngs):
         d, d_ff = cfg.d_model, cfg.mlp_width
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        self.gated = cfg.is_llama
+        self.gated, self.width, self.block_width = cfg.is_llama, d_ff, d_ff // cfg.mlp_chunks
         bias = cfg.has_bias
         self.up = make_param(rngs, (d, d_ff), (ax.EMBED, ax.MLP), stack, std=cfg.init_std)
         self.gate = make_param(rngs, (d, d_ff), (ax.EMBED, ax.MLP), stack, std=cfg.init_std) if self.gated else None
@@ -247,15 +247,22 @@ class MLP(nnx.Module):
         adapt = (
             (lambda name, x_, y_: y_) if self.lora is None else (lambda name, x_, y_: self.lora(name, x_, y_, lora_key))
         )
-        h = adapt("up", x, dense(x, self.up[...].astype(dtype)))
-        if self.up_bias is not None:
-            h = h + self.up_bias[...].astype(dtype)
-        if self.gated:
-            h = jax.nn.silu(adapt("gate", x, dense(x, self.gate[...].astype(dtype)))) * h
-        else:
-            h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
-        h = constrain(h, (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
-        y = dense(h, self.down[...].astype(dtype))
+        # The hidden width in blocks (model.mlp_chunks; one block by default): down(act(up x)) is a sum over
+        # hidden units, so each block's up product, activation and down product is computed alone and
+        # the partial outputs are added.
+        y = None
+        for start in range(0, self.width, self.block_width):
+            cols = slice(start, start + self.block_width)
+            h = adapt("up", x, dense(x, self.up[...][:, cols].astype(dtype)))
+            if self.up_bias is not None:
+                h = h + self.up_bias[...][cols].astype(dtype)
+            if self.gated:
+                h = jax.nn.silu(adapt("gate", x, dense(x, self.gate[...][:, cols].astype(dtype)))) * h
+            else:
+                h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
+            h = constrain(h, (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
+            part = dense(h, self.down[...][cols].astype(dtype))
+            y = part if y is None else y + part
         if self.down_bias is not None:
             y = y + self.down_bias[...].astype(dtype)
-        return adapt("down", h, y)
+        return adapt("down", h, y)  # with LoRA there is one block (the config refuses more): h is whole

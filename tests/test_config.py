@@ -37,6 +37,8 @@ def test_yaml_and_overrides(tmp_path):
         (["model.n_head=3", "model.d_model=32"], "model.d_model: 32 is not divisible by model.n_head=3"),
         (["model.n_head=4", "model.n_kv_head=3"], "model.n_kv_head: 3 does not divide model.n_head=4"),
         (["mesh.tensor=3"], "model.n_head: 4 is not divisible by mesh.tensor=3"),
+        (["model.mlp_chunks=3"], "model.mlp_chunks: expected a positive divisor of the MLP width 512, got 3"),
+        (["model.mlp_chunks=2", "model.lora.rank=4"], "model.mlp_chunks: 2 cannot be combined with LoRA"),
         (["model.seq_len=512", "model.max_seq_len=256"], "model.seq_len: 512 exceeds the model's maximum"),
         (["data.batch_size=10", "train.grad_accum=4"], "data.batch_size: 10 is not divisible by train.grad_accum=4"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "mesh: at most one axis may be -1"),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import yaml
 from flax import nnx
 from flaxpod.model.config import LoraConfig, ModelConfig
 from flaxpod.model.lora import merge
@@ -85,6 +86,25 @@ def test_lora_finetune_trains_only_adapters_and_head(work, tmp_path, capsys):  #
                 assert np.abs(np.asarray(value)).max() > 0, keys  # B moved off zero
         elif keys[0] != "cls_head":
             np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_base[path]), err_msg=str(keys))
+
+
+def test_lora_from_a_base_that_computes_its_mlp_in_blocks(work, tmp_path, capsys):  # noqa: F811
+    """A base trained with model.mlp_chunks=2 (a CPU speed setting; same parameters) finetunes with LoRA
+    in one block, since adapters take whole projections; asking for the blocks too is refused."""
+    base = tmp_path / "base"
+    shutil.copytree(work / "base", base)
+    config = yaml.safe_load((base / "config.yaml").read_text())
+    config["model"]["mlp_chunks"] = 2
+    (base / "config.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "lora"
+    args = classify_args(work, run, f"finetune.base={base}", *LORA, "train.steps=2", "train.eval_every=0")
+    assert cli_main(args) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["mlp_chunks"] == 1
+    capsys.readouterr()
+    assert cli_main([*args, f"run_dir={tmp_path / 'refused'}", "model.mlp_chunks=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: model.mlp_chunks: 2 cannot be combined with LoRA (lora.rank > 0); use 1", err
+    assert not (tmp_path / "refused").exists()
 
 
 def params_bytes(params: dict) -> int:

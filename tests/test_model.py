@@ -107,6 +107,34 @@ def test_equivalent_paths(family):
         np.testing.assert_allclose(out, ref, atol=2e-5, err_msg=str(change))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_mlp_in_blocks_equals_the_whole_mlp(family):
+    """model.mlp_chunks=4 (the hidden width in 4 blocks, partial outputs summed) computes the same logits
+    and parameter gradients as one block, biases and the SwiGLU gate included. The parameters are
+    perturbed so the biases are not zero (a bias added once per block would then show)."""
+    cfg = small(family)
+    graphdef, params = build(cfg)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)])
+    weights = jax.random.normal(jax.random.key(4), (2, 16, 64))
+
+    def logits_and_grads(c):
+        g, _ = build(c)
+        f = logits_fn(c, g)
+        return f(params, TOKENS), jax.grad(lambda p: jnp.sum(f(p, TOKENS) * weights))(params)
+
+    ref, ref_grads = logits_and_grads(cfg)
+    out, grads = logits_and_grads(dataclasses.replace(cfg, mlp_chunks=4))
+    assert cfg.mlp_width == 128 and float(jnp.abs(params["blocks"]["mlp"]["down"]).max()) > 0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    flat_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
+    for (path, a), b in zip(flat_grads, jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path)
+        )
+
+
 def test_bfloat16_compute_close_to_float32():
     cfg = small("llama")
     graphdef, params = build(cfg)
