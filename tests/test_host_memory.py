@@ -25,7 +25,7 @@ STEP = textwrap.dedent(
     from flaxpod.sharding.cpu_devices import ONE_THREAD_OPTIONS  # how the Trainer compiles with a core per device
     # The [16384, 1024] product: a 64 MiB temporary.
     step = jax.jit(lambda a, b: jnp.sum(jnp.tanh(a @ b), axis=0), compiler_options=ONE_THREAD_OPTIONS)
-    for _ in range(3):
+    for _ in range(20):  # glibc's heap grows for the first steps (fragmentation), then holds (5 copies here)
         step(a, b).block_until_ready()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):

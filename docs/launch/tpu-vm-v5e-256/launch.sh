@@ -59,6 +59,7 @@ model:
   attention_impl: xla
   remat: full
   scan_layers: true
+  mlp_chunks: 1
   init_std: 0.02
   num_labels: 0
   pooling: last
