@@ -16,6 +16,19 @@ REMAT_POLICIES = {
 }
 
 
+@jax.custom_vjp
+def gradient_barrier(x: jax.Array) -> jax.Array:
+    """The identity, whose gradient passes `lax.optimization_barrier`: XLA materializes the residual
+    stream's gradient at each block instead of fusing it across layers. Without it XLA:CPU fused the
+    gradient chain of all later layers into one loop fusion per layer that recomputed their LayerNorm
+    backward (74-120 operands at 6 layers; docs/benchmarks.md, issue 16). XLA:CPU drops barriers before
+    fusion unless its `cse_barrier_expander` pass is off (sharding/cpu_devices.cpu_compiler_options)."""
+    return x
+
+
+gradient_barrier.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_barrier(g),))
+
+
 class Block(nnx.Module):
     """Pre-norm residual block. Built with `stack` layers; called on one layer's slice."""
 
@@ -27,6 +40,7 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, stack=stack, rngs=rngs)
 
     def __call__(self, x, positions, mask, key: jax.Array | None) -> jax.Array:
+        x = gradient_barrier(x)
         keys = jax.random.split(key, 3) if key is not None else (None, None, None)
         lora_key = None if key is None else jax.random.fold_in(key, 3)  # LoRA dropout; unused without adapters
         h = self.attn(self.attn_norm(x), positions, mask, keys[0], lora_key)

@@ -30,6 +30,9 @@ MAX_AUTO_CPU_DEVICES = 8
 # XLA compile options of a device that has a core to itself: Eigen's matrix products on the calling thread
 # (YNN's are off: they would still fan out to the shared thread pool and contend with the other devices').
 ONE_THREAD_OPTIONS = {"xla_cpu_multi_thread_eigen": False, "xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU removes optimization barriers before fusion (pass cse_barrier_expander); kept, the model's
+# gradient barrier stops the residual gradient's cross-layer fusions (model/transformer.gradient_barrier).
+KEEP_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 def usable_cores() -> int:
@@ -82,9 +85,9 @@ def prepare_cpu_backend(cfg: Config) -> int | None:
 
 
 def cpu_compiler_options(mesh: Mesh) -> dict:
-    """ONE_THREAD_OPTIONS when the mesh is on CPU devices that have a core each, else none: a lone CPU
-    device keeps XLA's thread pool."""
+    """On CPU devices KEEP_BARRIERS, plus ONE_THREAD_OPTIONS when they have a core each (a lone CPU device
+    keeps XLA's thread pool); none on accelerators."""
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    if not local or local[0].platform != "cpu" or len(local) < usable_cores():
+    if not local or local[0].platform != "cpu":
         return {}
-    return dict(ONE_THREAD_OPTIONS)
+    return {**KEEP_BARRIERS, **(ONE_THREAD_OPTIONS if len(local) >= usable_cores() else {})}

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import pytest
 from flaxpod.sharding import cpu_devices
-from flaxpod.sharding.cpu_devices import ONE_THREAD_OPTIONS, auto_cpu_device_count, claim_cpu_devices
+from flaxpod.sharding.cpu_devices import KEEP_BARRIERS, ONE_THREAD_OPTIONS, auto_cpu_device_count, claim_cpu_devices
 from flaxpod.sharding.mesh import build_mesh
 from flaxpod.train.config import ConfigError, MeshConfig, load_config
 
@@ -72,10 +74,10 @@ def test_one_thread_options_only_when_each_core_has_a_device(monkeypatch):
     eight = build_mesh(8, 1, 1, devices=jax.devices())
     one = build_mesh(1, 1, 1, devices=jax.devices()[:1])
     monkeypatch.setattr(cpu_devices, "usable_cores", lambda: 2)
-    assert cpu_devices.cpu_compiler_options(eight) == ONE_THREAD_OPTIONS
-    assert cpu_devices.cpu_compiler_options(one) == {}  # a lone device keeps XLA's thread pool
+    assert cpu_devices.cpu_compiler_options(eight) == {**KEEP_BARRIERS, **ONE_THREAD_OPTIONS}
+    assert cpu_devices.cpu_compiler_options(one) == KEEP_BARRIERS  # a lone device keeps XLA's thread pool
     monkeypatch.setattr(cpu_devices, "usable_cores", lambda: 16)
-    assert cpu_devices.cpu_compiler_options(eight) == {}
+    assert cpu_devices.cpu_compiler_options(eight) == KEEP_BARRIERS
 
 
 def test_pretrain_on_claimed_devices_matches_one_device(tmp_path):
@@ -97,3 +99,25 @@ def test_pretrain_on_claimed_devices_matches_one_device(tmp_path):
     assert [s for s, _ in losses[2]] == [s for s, _ in losses[1]] and len(losses[1]) >= 3
     for (_, two), (_, one) in zip(losses[2], losses[1], strict=True):
         assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_kept_barriers_stop_the_residual_gradient_fusing_across_layers():
+    """The model's gradient barrier (model/transformer.gradient_barrier) with KEEP_BARRIERS: the widest
+    fusion of a 6-layer model's gradient is one block's, where XLA:CPU's default drops the barrier and fuses
+    the residual gradient of all later layers into each layer's fusion (36 against 120 operands here)."""
+    from flax import nnx
+    from flaxpod.model.config import ModelConfig
+    from flaxpod.model.transformer import Transformer
+
+    cfg = ModelConfig(n_layer=6, n_head=4, d_model=64, seq_len=32, vocab_size=64, bias=False, scan_layers=False)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 64)
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)))
+
+    def widest_fusion(options: dict) -> int:
+        text = grad.lower(params).compile(compiler_options=options).as_text()
+        entry = text[text.index("\nENTRY") :]
+        return max(m.group(1).count("%") for m in re.finditer(r"= \S+ fusion\((.*?)\), kind", entry))
+
+    kept, dropped = widest_fusion({**KEEP_BARRIERS, **ONE_THREAD_OPTIONS}), widest_fusion(ONE_THREAD_OPTIONS)
+    assert kept <= 40 and dropped > 2 * kept, (kept, dropped)
