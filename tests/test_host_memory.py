@@ -68,3 +68,18 @@ def test_runs_on_cpu_follows_jax_platforms_then_device_files(monkeypatch, platfo
     assert host_memory.runs_on_cpu() is expected
     if not expected:
         assert host_memory.keep_freed_memory() is False  # an accelerator process keeps glibc's defaults
+
+
+def test_jobs_keep_freed_memory_only_when_a_step_outgrows_a_thread_heap(monkeypatch):
+    """nanoGPT's CPU shape (~15 MB of activations per device) keeps glibc's arenas, whose single-lock
+    replacement made it slower; its 6-layer, 384-wide shape (~400 MB) keeps the memory it frees."""
+    from flaxpod.sharding import cpu_devices
+    from flaxpod.train.config import load_config
+
+    calls = []
+    monkeypatch.setattr(cpu_devices, "claim_cpu_devices", lambda cfg: 2)
+    monkeypatch.setattr(cpu_devices, "keep_freed_memory", lambda: calls.append(True))
+    small = ["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.seq_len=64", "data.batch_size=12"]
+    big = ["model.n_layer=6", "model.n_head=6", "model.d_model=384", "model.seq_len=256", "data.batch_size=16"]
+    assert cpu_devices.prepare_cpu_backend(load_config(None, small)) == 2 and calls == []
+    assert cpu_devices.prepare_cpu_backend(load_config(None, big)) == 2 and calls == [True]
