@@ -31,3 +31,15 @@ def test_flops_per_token_is_6n_plus_attention(family):
     assert count_params(params) == n + V * d + (T * d if gpt2 else 0)
     expected = 6 * n + 12 * L * d * T
     assert flops_per_token(L, d, T, count_params(params, exclude_embeddings=True)) == expected
+
+
+def test_cpu_peak_is_measured_on_every_device_at_once_and_an_override_wins():
+    import jax
+    import numpy as np
+    from flaxpod.train.flops import peak_flops_per_device
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    peak, source = peak_flops_per_device(mesh)
+    assert 1e8 < peak < 1e13 and source.endswith("on every device at once")
+    assert peak_flops_per_device(mesh, override=5e11) == (5e11, "config logging.peak_flops")

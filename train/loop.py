@@ -224,7 +224,7 @@ def _fit(
 
     writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, resume_step=start)
     progress = StepProgress(cfg.train.steps, enabled=is_main)
-    peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
+    peak, peak_source = peak_flops_per_device(trainer.mesh, cfg.logging.peak_flops)
     n_nonembed = trainer.param_counts()[1]
     flops_tok = flops_per_token(cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len, n_nonembed)
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
