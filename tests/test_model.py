@@ -181,7 +181,9 @@ def test_causal_blocks_equal_full_attention(family, monkeypatch):
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
     (_, ref_logits), ref_grad = loss_and_grad(dataclasses.replace(cfg, attention="fused"))
-    monkeypatch.setattr(layers, "CAUSAL_BLOCK", 5)  # 16 = 5 + 5 + 5 + 1
+    monkeypatch.setattr(layers, "CAUSAL_BLOCKING_FROM", 16)
+    monkeypatch.setattr(layers, "CAUSAL_BLOCKS", 3)  # 16 = 6 + 6 + 4
+    assert layers.causal_block_rows(16) == 6 and layers.causal_block_rows(15) == 15
     (_, logits), grad = loss_and_grad(cfg)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=2e-5)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
