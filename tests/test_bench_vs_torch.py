@@ -68,3 +68,23 @@ def test_cpu_benchmark_alternates_three_sides(tmp_path):
     assert ms["torch_ref"] == pytest.approx(0.001 * (1 + 20))  # warm-up + the shape's 20 steps, in ms
     assert len(result["ms_per_step_rounds"]["flaxpod"]) == 3
     assert result["ratio_fastest_torch_over_flaxpod"] == pytest.approx(ms["torch_ref"] / ms["flaxpod"])
+
+
+def test_cpu_benchmark_runs_each_shape_in_its_own_process(tmp_path):
+    """With several shapes, each is measured in a child process set up as its own job would be (devices and
+    allocator are per process); the parent merges their figures into one table and JSON file."""
+    import json
+    import os
+
+    from tools.bench_cpu import main
+
+    out = tmp_path / "bench.json"
+    shrink = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.seq_len=16", "data.batch_size=4"]
+    assert main(["--shapes", "small,big", "--rounds", "1", "--warmup", "1", "--json", str(out), *shrink]) == 0
+    shapes = json.loads(out.read_text())["shapes"]
+    assert sorted(shapes) == ["big", "small"]
+    pids = {name: shapes[name]["process_id"] for name in shapes}
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+    for result in shapes.values():
+        assert result["overrides"] == shrink and result["ms_per_step"]["flaxpod"] > 0
+        assert result["first_loss"]["flaxpod"] == pytest.approx(result["first_loss"]["twin"], abs=1e-4)

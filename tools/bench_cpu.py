@@ -14,6 +14,8 @@ Three sides per shape, alternated round by round with the order rotated (these m
   twin       tools/torch_reference.py, PyTorch eager with flaxpod's weights, in this process
   torch_ref  an independent PyTorch GPT (--torch-ref, checked bit-identical to nanoGPT's step), run
              as a fresh process each round; its own median ms/step over the round's timed steps
+With several shapes each runs in its own child process, set up as its training job would be (the CPU
+devices and glibc's allocator settings are fixed per process before JAX starts; sharding/cpu_devices.py).
 The ratio is reported against the FASTER PyTorch side (a slow reference flatters flaxpod), with
 the load average before and after. Compilation and warm-up are excluded everywhere.
 """
@@ -110,6 +112,7 @@ def bench_shape(name: str, ref_script: Path | None, rounds: int, warmup: int, ov
         "overrides": overrides,
         "steps_per_round": steps,
         "flaxpod_devices": len(devices),
+        "process_id": os.getpid(),
         "rounds": rounds,
         "compile_seconds": compile_seconds,
         "first_loss": {"flaxpod": flax_loss, "twin": twin_loss},
@@ -117,6 +120,21 @@ def bench_shape(name: str, ref_script: Path | None, rounds: int, warmup: int, ov
         "ms_per_step_rounds": {side.name: [s * 1e3 for s in side.seconds] for side in sides},
         "ratio_fastest_torch_over_flaxpod": fastest_torch / medians["flaxpod"],
     }
+
+
+def bench_in_own_process(name: str, args: argparse.Namespace) -> dict:
+    """This benchmark for one shape in a child process: each shape gets the process set-up its own
+    training job gets (the CPU devices and glibc's allocator settings are per process and fixed before
+    JAX starts), as `--shapes NAME` alone would."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "shape.json"
+        cmd = [sys.executable, "-m", "tools.bench_cpu", *args.overrides, "--shapes", name, "--json", str(out)]
+        cmd += ["--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+        cmd += ["--torch-ref", args.torch_ref] if args.torch_ref else []
+        child = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+        if child.returncode != 0:
+            raise SystemExit(child.returncode)  # the child printed its error
+        return json.loads(out.read_text())["shapes"][name]
 
 
 def format_table(results: dict) -> str:
@@ -158,10 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         ref = Path(args.torch_ref) if args.torch_ref else None
         if ref is not None and not ref.is_file():
             raise ValueError(f"--torch-ref: {ref} is not a file")
-        # Before anything starts JAX's backends: the devices `flaxpod pretrain` would claim for this shape.
-        prepare_cpu_backend(shape_config(names[0], args.overrides))
         load_before = os.getloadavg()[0]
-        shapes = {n: bench_shape(n, ref, args.rounds, args.warmup, args.overrides) for n in names}
+        if len(names) == 1:
+            # Before anything starts JAX's backends: the devices (and allocator) `flaxpod pretrain` sets up
+            # for this shape.
+            prepare_cpu_backend(shape_config(names[0], args.overrides))
+            shapes = {names[0]: bench_shape(names[0], ref, args.rounds, args.warmup, args.overrides)}
+        else:
+            for n in names:  # bad overrides: the one-line error here, before any child starts
+                shape_config(n, args.overrides)
+            shapes = {n: bench_in_own_process(n, args) for n in names}
         results = {"shapes": shapes, "load_average": [load_before, os.getloadavg()[0]], "command": " ".join(sys.argv)}
         results["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         print(format_table(results), flush=True)

@@ -90,8 +90,9 @@ class Side:
         loss = None
         for i in range(n):
             loss = self.step(batches[i % len(batches)])
-        self.wait(loss)
-        return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+        if loss is not None:  # n = 0 (no warm-up): nothing to wait for
+            self.wait(loss)
+        return (time.perf_counter() - t0) / max(n, 1), (time.process_time() - c0) / max(n, 1)
 
 
 @dataclass
