@@ -178,7 +178,7 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files to RUN_DIR/tensorboard."""
     peak_flops: float = 0.0
-    """Peak FLOP/s of one device for MFU; 0 means: measured (CPU, large matmul) or the chip's bf16 figure."""
+    """Peak FLOP/s of one device for MFU; 0 means: measured (CPU: a matmul on every device at once) or chip's bf16."""
     show_sharding: bool = False
     """Print each parameter's shape, partition spec and bytes per device at start-up."""
 
