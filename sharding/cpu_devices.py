@@ -18,6 +18,7 @@ import typing
 import jax
 from flaxpod.sharding.host_memory import keep_freed_memory
 from flaxpod.sharding.launch import DEVICE_COUNT_FLAG
+from flaxpod.sharding.mesh import local_devices
 from flaxpod.train.config import micro_batch_size
 
 if typing.TYPE_CHECKING:
@@ -103,7 +104,7 @@ def prepare_cpu_backend(cfg: Config) -> int | None:
 def cpu_compiler_options(mesh: Mesh) -> dict:
     """On CPU devices KEEP_BARRIERS, plus ONE_THREAD_OPTIONS when they have a core each (a lone CPU device
     keeps XLA's thread pool); none on accelerators."""
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    local = local_devices(mesh)
     if not local or local[0].platform != "cpu":
         return {}
     return {**KEEP_BARRIERS, **(ONE_THREAD_OPTIONS if len(local) >= usable_cores() else {})}

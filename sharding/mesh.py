@@ -74,6 +74,11 @@ class _NodeTagged:
         return getattr(self.device, name)
 
 
+def local_devices(mesh: Mesh) -> list:
+    """The mesh's devices that this process drives, in mesh order."""
+    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
