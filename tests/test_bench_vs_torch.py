@@ -72,7 +72,8 @@ def test_cpu_benchmark_alternates_three_sides(tmp_path):
 
 def test_cpu_benchmark_runs_each_shape_in_its_own_process(tmp_path):
     """With several shapes, each is measured in a child process set up as its own job would be (devices and
-    allocator are per process); the parent merges their figures into one table and JSON file."""
+    allocator are per process); the parent merges their figures into one table and JSON file. No warm-up
+    steps (--warmup 0) is allowed."""
     import json
     import os
 
@@ -80,7 +81,7 @@ def test_cpu_benchmark_runs_each_shape_in_its_own_process(tmp_path):
 
     out = tmp_path / "bench.json"
     shrink = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.seq_len=16", "data.batch_size=4"]
-    assert main(["--shapes", "small,big", "--rounds", "1", "--warmup", "1", "--json", str(out), *shrink]) == 0
+    assert main(["--shapes", "small,big", "--rounds", "1", "--warmup", "0", "--json", str(out), *shrink]) == 0
     shapes = json.loads(out.read_text())["shapes"]
     assert sorted(shapes) == ["big", "small"]
     pids = {name: shapes[name]["process_id"] for name in shapes}
@@ -88,3 +89,11 @@ def test_cpu_benchmark_runs_each_shape_in_its_own_process(tmp_path):
     for result in shapes.values():
         assert result["overrides"] == shrink and result["ms_per_step"]["flaxpod"] > 0
         assert result["first_loss"]["flaxpod"] == pytest.approx(result["first_loss"]["twin"], abs=1e-4)
+
+
+def test_cpu_benchmark_bad_override_is_one_line_before_any_child(capsys):
+    from tools.bench_cpu import main
+
+    assert main(["--shapes", "small,big", "model.n_layr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown config key 'model.n_layr'; did you mean 'model.n_layer'?", err
