@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -25,18 +26,20 @@ STEP = textwrap.dedent(
     from flaxpod.sharding.cpu_devices import ONE_THREAD_OPTIONS  # how the Trainer compiles with a core per device
     # The [16384, 1024] product: a 64 MiB temporary.
     step = jax.jit(lambda a, b: jnp.sum(jnp.tanh(a @ b), axis=0), compiler_options=ONE_THREAD_OPTIONS)
-    for _ in range(20):  # glibc's heap grows for the first steps (fragmentation), then holds (5 copies here)
+    for _ in range(20):  # glibc's heap grows most in the first steps
         step(a, b).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    faults = []
+    for _ in range(30):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step(a, b).block_until_ready()
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(json.dumps([kept, faults, step.lower(a, b).compile().memory_analysis().temp_size_in_bytes]))
     """
 )
 
 
-def faults_per_step(mode: str) -> tuple[bool, float, int]:
+def faults_per_step(mode: str) -> tuple[bool, list[int], int]:
+    """Whether glibc was set to keep freed memory, the page faults of each of 30 steps, the temporary's bytes."""
     # As a training job runs: without the test suite's 8 devices per 2 cores and optimization level 0
     # (with those, glibc still faulted about half the temporary in each step: not understood).
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
@@ -52,8 +55,13 @@ def test_freed_step_memory_is_reused_not_faulted_in_again():
     default, faults_default, _ = faults_per_step("default")
     pages = temp_bytes / 4096
     assert kept and not default and temp_bytes >= 64 * 2**20
-    assert faults_default > 0.5 * pages  # glibc's default: the temporary is mmap'd and faulted in each step
-    assert faults_kept < 0.05 * pages, (faults_kept, faults_default, pages)
+    # glibc's default: the temporary is mmap'd and faulted in at every step
+    assert min(faults_default) > 0.5 * pages, faults_default
+    # Kept: most steps fault nothing. On a few glibc grows the heap by one temporary instead of reusing a
+    # freed one (small blocks split the freed ones: fragmentation; 0-4 of 30 steps in 20 processes, see
+    # sharding/host_memory.py), so the typical step is asserted, and the total against the default's.
+    assert statistics.median(faults_kept) < 0.05 * pages, (faults_kept, pages)
+    assert sum(faults_kept) < 0.5 * sum(faults_default), (faults_kept, faults_default)
 
 
 @pytest.mark.parametrize(
