@@ -6,9 +6,12 @@ can `lax.scan` over them; inside the scan each module sees one layer's slice.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import typing
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +64,28 @@ def make_param(
     return nnx.Param(value, axes=names)
 
 
+# A 2-D product (x, w, preferred_element_type) -> x @ w. XLA's dot unless a step installs another while it
+# is traced (sharding/cpu_matmul.py: OpenBLAS on CPU devices that have a core each).
+Matmul = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+def xla_matmul(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+    return jnp.dot(x, w, preferred_element_type=preferred_element_type)
+
+
+_matmul: contextvars.ContextVar[Matmul] = contextvars.ContextVar("matmul", default=xla_matmul)
+
+
+@contextlib.contextmanager
+def matmul_kernel(matmul: Matmul) -> Iterator[None]:
+    """Within this block (while tracing), `dense` multiplies with `matmul`."""
+    token = _matmul.set(matmul)
+    try:
+        yield
+    finally:
+        _matmul.reset(token)
+
+
 def dense(x: jax.Array, w: jax.Array, in_dims: int = 1, preferred_element_type=None) -> jax.Array:
     """x [..., *w.shape[:in_dims]] contracted with w -> [..., *w.shape[in_dims:]], as ONE 2-D matmul.
 
@@ -74,7 +99,7 @@ def dense(x: jax.Array, w: jax.Array, in_dims: int = 1, preferred_element_type=N
     """
     lead = x.shape[: x.ndim - in_dims]
     k = math.prod(w.shape[:in_dims])
-    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    y = _matmul.get()(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type)
     return y.reshape(*lead, *w.shape[in_dims:])
 
 
