@@ -101,10 +101,21 @@ def prepare_cpu_backend(cfg: Config) -> int | None:
     return count
 
 
+def on_cpu(mesh: Mesh) -> bool:
+    """Whether this process's devices of `mesh` are CPU devices."""
+    local = local_devices(mesh)
+    return bool(local) and local[0].platform == "cpu"
+
+
+def core_per_device(mesh: Mesh) -> bool:
+    """Whether `mesh`'s devices in this process are CPU devices with a core each (at least as many
+    devices as usable cores: each runs its step on one thread)."""
+    return on_cpu(mesh) and len(local_devices(mesh)) >= usable_cores()
+
+
 def cpu_compiler_options(mesh: Mesh) -> dict:
     """On CPU devices KEEP_BARRIERS, plus ONE_THREAD_OPTIONS when they have a core each (a lone CPU device
     keeps XLA's thread pool); none on accelerators."""
-    local = local_devices(mesh)
-    if not local or local[0].platform != "cpu":
+    if not on_cpu(mesh):
         return {}
-    return {**KEEP_BARRIERS, **(ONE_THREAD_OPTIONS if len(local) >= usable_cores() else {})}
+    return {**KEEP_BARRIERS, **(ONE_THREAD_OPTIONS if core_per_device(mesh) else {})}

@@ -17,3 +17,5 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "flaxpod-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# model/cpu_gemm.py's kernel, built once per machine, outside the user's cache
+os.environ.setdefault("FLAXPOD_CACHE_DIR", os.path.join(tempfile.gettempdir(), "flaxpod-test-cache"))

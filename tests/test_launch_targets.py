@@ -246,6 +246,7 @@ def test_sbatch_script_runs_one_task_per_gpu_under_srun(tmp_path, capsys):
     write_fake(bin_dir / "srun", FAKE_SRUN)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SRUN_LOG=str(tmp_path / "srun"))
     env["FLAXPOD_NUM_PROCESSES"] = "5"  # a stray variable that would override SLURM's detection
+    env.pop("FLAXPOD_CACHE_DIR", None)  # the suite's (conftest.py), which the script rightly passes on
     done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     srun = json.loads((tmp_path / "srun").read_text())

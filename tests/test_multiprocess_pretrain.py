@@ -16,9 +16,16 @@ def losses(run_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize(
+    "mesh_shape, products",
+    # data-parallel: each process's 4 devices (one per core and more) multiply through OpenBLAS
+    # (sharding/cpu_matmul.py), and the weight gradients are summed across the processes
+    [((2, 2, 2), "XLA's"), ((8, 1, 1), "OpenBLAS sgemm, one thread per device")],
+)
+def test_two_processes_match_one(tmp_path, mesh_shape, products):
     corpus = write_corpus(tmp_path / "corpus.txt", n_chars=20_000)
-    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.steps": 4, "train.log_every": 1}
+    data, fsdp, tensor = mesh_shape
+    mesh = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "train.steps": 4, "train.log_every": 1}
     single = tmp_path / "single"
     one = run_cli(["pretrain", "configs/tiny.yaml", *tiny_overrides(single, corpus, **mesh)])
     assert one.returncode == 0, one.stderr[-3000:]
@@ -42,6 +49,8 @@ def test_two_processes_match_one(tmp_path):
     assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
     assert "[p0] " in two.stdout and "[p1] " in two.stdout
     assert "over 8 devices in 2 process(es)" in two.stdout
+    line = f"CPU matrix products: {products} (mesh.cpu_matmul=auto)"
+    assert line in one.stdout and f"[p0] {line}" in two.stdout
     # Only process 0 writes metrics and logs its progress.
     assert "[p1] step" not in two.stdout
     single_train, single_val = losses(single)

@@ -108,6 +108,7 @@ def test_step_flops_extrapolate_to_the_unrolled_step():
     cfg = resolve_for_plan(small("model.n_layer=4", "model.remat=full"))
     devices = jax.devices()[:8]
     unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+    unrolled = dataclasses.replace(unrolled, mesh=dataclasses.replace(cfg.mesh, cpu_matmul="xla"))  # counted dots
     trainer = Trainer.from_config(unrolled, devices=devices)
     lowered = trainer.step.lower(
         abstract(trainer.layout.shapes, trainer.layout.shardings), abstract_batch(cfg, trainer)

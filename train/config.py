@@ -94,6 +94,10 @@ class MeshConfig:
     with the batch split across them. 0: one per usable core (at most 8) that the mesh and the micro-batch
     allow; 1: JAX's single CPU device with a thread pool. Ignored when XLA_FLAGS sets
     --xla_force_host_platform_device_count or under jax.distributed (sharding/cpu_devices.py)."""
+    cpu_matmul: str = "auto"
+    """CPU only: `auto` runs the dense layers' float32 matrix products through OpenBLAS (a small kernel built
+    on first use with the machine's C++ compiler) when every CPU device has a core and the parameters are
+    replicated, else XLA's; `xla`: always XLA's (sharding/cpu_matmul.py, model/cpu_gemm.py)."""
 
 
 @dataclass
@@ -233,6 +237,7 @@ CHOICES = {
     "tokenizer.model_type": ("bpe", "unigram"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
+    "mesh.cpu_matmul": ("auto", "xla"),
     "train.nonfinite": ("skip", "stop"),
     "train.objective": ("causal", "mlm"),
     "finetune.task": ("sft", "classify", "lm"),

@@ -20,7 +20,8 @@ from typing import Any
 import jax
 import yaml
 from flaxpod.data.tokenizer import Tokenizer, has_tokenizer
-from flaxpod.sharding.cpu_devices import prepare_cpu_backend
+from flaxpod.model.layers import xla_matmul
+from flaxpod.sharding.cpu_devices import on_cpu, prepare_cpu_backend
 from flaxpod.sharding.mesh import sharding_table
 from flaxpod.train.checkpoint import Checkpointer, PartialParams, make_run_info
 from flaxpod.train.config import Config, ConfigError, check_against_devices, config_from_dict, save_config, to_dict
@@ -130,6 +131,9 @@ def describe(trainer: Trainer, cfg: Config) -> None:
         f"non-embedding); mesh data={shape['data']} fsdp={shape['fsdp']} tensor={shape['tensor']} "
         f"over {jax.device_count()} devices in {jax.process_count()} process(es)"
     )
+    if on_cpu(trainer.mesh):
+        kernel = "XLA's" if trainer.matmul is xla_matmul else "OpenBLAS sgemm, one thread per device"
+        log(f"CPU matrix products: {kernel} (mesh.cpu_matmul={cfg.mesh.cpu_matmul})")
     if cfg.logging.show_sharding:
         log(sharding_table(trainer.layout.shapes.params, trainer.layout.param_shardings))
 

@@ -232,6 +232,8 @@ def step_flops(cfg: Config, devices: list) -> float:
     accum = cfg.train.grad_accum
     micro_batch = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // accum)
     micro = dataclasses.replace(cfg, data=micro_batch, train=dataclasses.replace(cfg.train, grad_accum=1))
+    # XLA's dots: the cost analysis counts no FLOPs in the CPU kernel's FFI calls (sharding/cpu_matmul.py)
+    micro = dataclasses.replace(micro, mesh=dataclasses.replace(cfg.mesh, cpu_matmul="xla"))
 
     def flops(n_layer: int) -> float:
         model = dataclasses.replace(cfg.model, n_layer=n_layer, scan_layers=False)

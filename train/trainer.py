@@ -12,8 +12,10 @@ import jax
 import numpy as np
 import optax
 from flaxpod.model.axes import activation_sharding
+from flaxpod.model.layers import Matmul, matmul_kernel
 from flaxpod.model.transformer import count_params
 from flaxpod.sharding.cpu_devices import cpu_compiler_options
+from flaxpod.sharding.cpu_matmul import cpu_matmul
 from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
 from flaxpod.sharding.rules import Rules, activation_resolver, make_rules
 from flaxpod.train.config import Config, ModelConfig, check_against_devices
@@ -42,11 +44,14 @@ class Trainer:
         *,
         grad_accum: int = 1,
         trainable: Callable[[dict], Any] | None = None,
+        matmul: str = "auto",
     ):
         self.model, self.mesh, self.rules = model, mesh, rules
         self.tx, self.schedule, self.objective = tx, schedule, objective
         self.layout: StateLayout = make_layout(model, tx, mesh, rules)
         self.batch_sharding: NamedSharding = batch_sharding(mesh, rules)
+        replicated = all(s.is_fully_replicated for s in jax.tree.leaves(self.layout.param_shardings))
+        self.matmul: Matmul = cpu_matmul(mesh, _axes(self.batch_sharding.spec[0]), replicated, matmul)
         # LoRA's frozen base gets no weight gradient computed: the step stops it.
         frozen_mask = None if trainable is None else jax.tree.map(lambda t: not t, trainable(self.layout.shapes.params))
         dropout = model.dropout > 0 or (model.lora.rank > 0 and model.lora.dropout > 0)
@@ -54,7 +59,7 @@ class Trainer:
             self.layout, tx, schedule, objective, grad_accum=grad_accum, dropout=dropout, frozen=frozen_mask
         )
         self.step = jax.jit(
-            _with_activation_sharding(train_step, activation_resolver(mesh, rules)),
+            self._traced_on_mesh(train_step),
             in_shardings=(self.layout.shardings, None),
             out_shardings=(self.layout.shardings, None),
             donate_argnums=(0,),
@@ -74,7 +79,15 @@ class Trainer:
         # LoRA only: a plain finetune.freeze run keeps its former step (and logged grad_norm) exactly.
         trainable = (lambda params: trainable_mask(params, frozen, lora)) if lora.rank else None
         return cls(
-            cfg.model, mesh, rules, tx, schedule, objective, grad_accum=cfg.train.grad_accum, trainable=trainable
+            cfg.model,
+            mesh,
+            rules,
+            tx,
+            schedule,
+            objective,
+            grad_accum=cfg.train.grad_accum,
+            trainable=trainable,
+            matmul=cfg.mesh.cpu_matmul,
         )
 
     # -- state
@@ -100,10 +113,21 @@ class Trainer:
     def compile_eval(self, fn: Callable) -> Callable:
         """`fn(params, batch)` jitted for this mesh (activation-sharding hints installed), e.g. predictions."""
         return jax.jit(
-            _with_activation_sharding(fn, activation_resolver(self.mesh, self.rules)),
+            self._traced_on_mesh(fn),
             in_shardings=(self.layout.param_shardings, None),
             compiler_options=cpu_compiler_options(self.mesh),
         )
+
+    def _traced_on_mesh(self, fn: Callable) -> Callable:
+        """`fn` traced with the mesh's activation-sharding hints and matrix product installed (jit traces
+        lazily, on the first call, so they must be installed inside the traced function)."""
+        resolver = activation_resolver(self.mesh, self.rules)
+
+        def traced(*args):
+            with activation_sharding(resolver), matmul_kernel(self.matmul):
+                return fn(*args)
+
+        return traced
 
     def param_counts(self) -> tuple[int, int]:
         """(all parameters, non-embedding parameters)."""
@@ -141,12 +165,8 @@ def mesh_from_config(cfg: Config, devices: list | None = None) -> Mesh:
     return build_mesh(*shape, devices=devices, dcn_data=cfg.mesh.dcn_data, dcn_fsdp=cfg.mesh.dcn_fsdp)
 
 
-def _with_activation_sharding(fn: Callable, resolver: Any) -> Callable:
-    """`fn` traced with the mesh's activation-sharding hints installed (jit traces lazily, on the
-    first call, so the hints must be installed inside the traced function)."""
-
-    def traced(*args):
-        with activation_sharding(resolver):
-            return fn(*args)
-
-    return traced
+def _axes(spec_entry: Any) -> tuple[str, ...]:
+    """A PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of axis names."""
+    if spec_entry is None:
+        return ()
+    return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)

@@ -123,6 +123,7 @@ mesh:
   rules: fsdp_tp
   rule_overrides: {}
   cpu_devices: 0
+  cpu_matmul: auto
 optim:
   lr: 0.0003
   min_lr: 3.0e-05
