@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 import grain
 import numpy as np
+from flaxpod.data.jsonl import json_type, read_jsonl
 from flaxpod.data.pipeline import local_batch_size
 from flaxpod.data.tokenizer import Tokenizer, _write_atomically
 from flaxpod.model.errors import InputError
@@ -86,10 +87,10 @@ def read_examples(path: str | Path, text_field: str = "text", label_field: str |
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
         raise InputError(f"{path}: unknown extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
-    content = _read_utf8(path)
     if suffix == ".jsonl":
-        examples = _read_jsonl(path, content, text_field, label_field)
+        examples = _read_jsonl(path, text_field, label_field)
     else:
+        content = _read_utf8(path)
         delimiter, quoting = (",", csv.QUOTE_MINIMAL) if suffix == ".csv" else ("\t", csv.QUOTE_NONE)
         examples = _read_delimited(path, content, delimiter, quoting, text_field, label_field)
     if not examples:
@@ -167,29 +168,19 @@ def _column(path: Path, header: list[str], name: str | None, kind: str) -> int:
     return header.index(name)
 
 
-def _read_jsonl(path: Path, content: str, text_field: str, label_field: str | None) -> list[Example]:
+def _read_jsonl(path: Path, text_field: str, label_field: str | None) -> list[Example]:
     examples: list[Example] = []
-    # Split on "\n" only: str.splitlines would also split on U+2028 and friends, which JSON
-    # strings may hold unescaped.
-    for line_number, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for line_number, record in read_jsonl(path):  # the file, UTF-8, JSON and object checks
         at = f"{path} row {len(examples) + 1} (line {line_number})"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{at}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{at}: expected a JSON object, got {_json_type(record)}")
         text = _field(record, text_field, "text", at)
         if not isinstance(text, str):
-            raise InputError(f"{at}: field {text_field!r} is {_json_type(text)}, expected a string")
+            raise InputError(f"{at}: field {text_field!r} is {json_type(text)}, expected a string")
         label = None
         if label_field is not None:
             label = _field(record, label_field, "label", at)
             # bool is an int in Python, but true/false as a class is far more likely a mistake.
             if isinstance(label, bool) or not isinstance(label, str | int):
-                raise InputError(f"{at}: field {label_field!r} is {_json_type(label)}, expected a string or an integer")
+                raise InputError(f"{at}: field {label_field!r} is {json_type(label)}, expected a string or an integer")
             label = str(label)
         examples.append(_checked(path, Example(text, label, len(examples) + 1, line_number), text_field, label_field))
     return examples
@@ -199,18 +190,6 @@ def _field(record: dict, name: str, kind: str, at: str) -> Any:
     if name not in record:
         raise InputError(f"{at}: no {kind} field {name!r} (fields: {', '.join(record) or 'none'})")
     return record[name]
-
-
-def _json_type(value: Any) -> str:
-    names = {
-        dict: "an object",
-        list: "an array",
-        str: "a string",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-    }
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 # ---------------------------------------------------------------- labels

@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from flaxpod.model.errors import InputError
 
@@ -20,7 +21,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     with p.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig on the first line: drops the byte-order mark some Windows editors write
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise InputError(f"{p}:{lineno}: not UTF-8 ({e.reason} at byte {e.start + 1} of the line)") from None
             if not text.strip():
@@ -30,8 +32,21 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise InputError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
-                raise InputError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise InputError(f"{p}:{lineno}: expected a JSON object, got {json_type(record)}")
             seen = True
             yield lineno, record
     if not seen:
         raise InputError(f"{p}: empty file: no JSON lines")
+
+
+def json_type(value: Any) -> str:
+    """A decoded JSON value's type in JSON's words ("an array", "null"), for error messages."""
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
+    return "null" if value is None else names.get(type(value), type(value).__name__)

@@ -76,6 +76,8 @@ def test_jsonl_with_integer_labels_and_custom_fields(tmp_path):
     examples = read_examples(path, text_field="q", label_field="y")
     assert examples == [Example("first", "1", 1, 1), Example("secönd\u2028same line", "0", 2, 3)]
     assert [e.label for e in read_examples(path, "q", None)] == [None, None]
+    bom = write(tmp_path / "bom.jsonl", '\ufeff{"q": "first", "y": 1}\n')  # as some Windows editors save it
+    assert read_examples(bom, "q", "y") == [Example("first", "1", 1, 1)]
 
 
 def test_labels_sorted_by_string_or_number_and_saved(tmp_path):
@@ -121,17 +123,17 @@ BAD_INPUTS = [
     ("a.jsonl", '{"text": "hi", "label": "x"}\n{"text": "yo"}\n', {}, r"row 2 \(line 2\): no label field 'label'"),
     ("a.csv", "", {}, r": empty file \(no header row\)"),
     ("a.csv", "text,label\n", {}, r": no examples"),
-    ("a.jsonl", "\n\n", {}, r": no examples"),
+    ("a.jsonl", "\n\n", {}, r"a.jsonl: empty file: no JSON lines"),
     ("a.csv", "text,label\nhi,x\nthere,y,extra\n", {}, r"row 2 \(line 3\): 3 fields, the header has 2"),
     ("a.tsv", "text\tlabel\nhi\n", {}, r"row 1 \(line 2\): 1 fields, the header has 2"),
     ("a.csv", 'text,label\n"hi" there,x\n', {}, r"line 2: bad CSV"),
     ("a.csv", "text,label\nhi,x\n  ,y\n", {}, r"row 2 \(line 3\): empty text in column 'text'"),
     ("a.csv", "text,label\nhi,\n", {}, r"row 1 \(line 2\): empty label in column 'label'"),
-    ("a.jsonl", '{"text": "hi", "label": "x"}\n{"text": "hi", "label": }\n', {}, r"row 2 \(line 2\): invalid JSON"),
+    ("a.jsonl", '{"text": "hi", "label": "x"}\n{"text": "hi", "label": }\n', {}, r"a.jsonl:2: invalid JSON"),
     ("a.jsonl", '{"text": 5, "label": "x"}\n', {}, r"row 1 \(line 1\): field 'text' is a number, expected a string"),
     ("a.jsonl", '{"text": null, "label": "x"}\n', {}, r"field 'text' is null, expected a string"),
     ("a.jsonl", '{"text": "a", "label": true}\n', {}, r"field 'label' is a boolean, expected a string or an integer"),
-    ("a.jsonl", '["text", "label"]\n', {}, r"row 1 \(line 1\): expected a JSON object, got an array"),
+    ("a.jsonl", '["text", "label"]\n', {}, r"a.jsonl:1: expected a JSON object, got an array"),
     ("a.txt", "text,label\n", {}, r"unknown extension '.txt'"),
 ]
 

@@ -465,7 +465,7 @@ def test_check_references_names_the_line(tmp_path):
         ([{"prompt": "a", "response": []}], r":1: key 'response': empty list of instances"),
         ([{"prompt": "a", "response": [{"input": ""}]}], r":1: key 'response\[0\]': missing key 'output'"),
         ([{"prompt": "a", "response": ["x"]}], r":1: key 'response\[0\]': expected an object, got str"),
-        ([[1, 2]], r":1: expected a JSON object, got list"),
+        ([[1, 2]], r":1: expected a JSON object, got an array"),
         (["", "  "], r": empty file"),
     ],
 )
