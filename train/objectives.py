@@ -44,13 +44,14 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
     return log_z - target_logit, log_z
 
 
+def document_inputs(batch: Batch) -> dict[str, jax.Array | None]:
+    """The model's keyword inputs that describe packed documents: segment ids and positions (None when
+    the batch has one document per row)."""
+    return {"segment_ids": batch.get("segment_ids"), "positions": batch.get("positions")}
+
+
 def lm_logits(model: nnx.Module, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
-    return model(
-        batch["inputs"],
-        segment_ids=batch.get("segment_ids"),
-        positions=batch.get("positions"),
-        dropout_key=dropout_key,
-    )
+    return model(batch["inputs"], **document_inputs(batch), dropout_key=dropout_key)
 
 
 def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -64,12 +65,7 @@ def chunked_token_losses(model: nnx.Module, batch: Batch, dropout_key: jax.Array
     chunk is rematerialised in the backward pass (`jax.checkpoint`), so at most one [B, chunk, V] block of
     float32 logits is alive instead of [B, T, V]. A sequence that `chunk` does not divide is padded with
     zero hidden states whose losses are cut off again (their gradient is zero)."""
-    x = model.hidden(
-        batch["inputs"],
-        segment_ids=batch.get("segment_ids"),
-        positions=batch.get("positions"),
-        dropout_key=dropout_key,
-    )
+    x = model.hidden(batch["inputs"], **document_inputs(batch), dropout_key=dropout_key)
     b, t, d = x.shape
     n = -(-t // chunk)
     pad = n * chunk - t
@@ -124,6 +120,7 @@ class CausalLM:
 
 
 def class_logits(model: nnx.Module, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
+    # segment ids are required here (the head pools each row's example by them), hence not document_inputs
     return model.classify(
         batch["inputs"], segment_ids=batch["segment_ids"], positions=batch.get("positions"), dropout_key=dropout_key
     )
