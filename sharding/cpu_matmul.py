@@ -10,15 +10,17 @@ weight, and the weight gradient is summed over the devices, as data parallelism 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flaxpod.model import cpu_gemm
 from flaxpod.model.layers import Matmul, xla_matmul
 from flaxpod.sharding.cpu_devices import core_per_device
+from flaxpod.train.config import CHOICES
 from jax.sharding import Mesh, PartitionSpec
 
-SETTINGS = ("auto", "xla")
+SETTINGS = CHOICES["mesh.cpu_matmul"]  # the config checks them too; a Trainer built directly gets this check
 
 
 def cpu_matmul(mesh: Mesh, batch_axes: tuple[str, ...], params_replicated: bool, setting: str = "auto") -> Matmul:
@@ -29,9 +31,7 @@ def cpu_matmul(mesh: Mesh, batch_axes: tuple[str, ...], params_replicated: bool,
         raise ValueError(f"mesh.cpu_matmul: expected one of {list(SETTINGS)}, got {setting!r}")
     if setting == "xla" or not params_replicated or not core_per_device(mesh) or cpu_gemm.unavailable():
         return xla_matmul
-    devices = 1
-    for axis in batch_axes:
-        devices *= mesh.shape[axis]
+    devices = math.prod(mesh.shape[axis] for axis in batch_axes)
     product = cpu_gemm.matmul if devices == 1 else _row_split_matmul(mesh, batch_axes)
 
     def matmul(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
