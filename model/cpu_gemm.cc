@@ -4,28 +4,23 @@
 #include <limits>
 #include <string>
 
+#include "cpu_blas.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-// Fortran BLAS: column-major, every argument by pointer, 32-bit integers (SciPy's LP64 build).
-typedef void (*sgemm_t)(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                        const float* beta, float* c, const int* ldc);
+sgemm_t flaxpod_sgemm = nullptr;
 
-static sgemm_t g_sgemm = nullptr;
-
-extern "C" void flaxpod_set_sgemm(void* sgemm) { g_sgemm = reinterpret_cast<sgemm_t>(sgemm); }
+extern "C" void flaxpod_set_sgemm(void* sgemm) { flaxpod_sgemm = reinterpret_cast<sgemm_t>(sgemm); }
 
 static ffi::Error Invalid(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "flaxpod cpu_gemm: " + what);
 }
 
-// Row-major c[m, n] = op(a) @ op(b), op(a) [m, k], op(b) [k, n]. A row-major matrix is its transpose in
-// column-major order, so BLAS computes c^T = op(b)^T op(a)^T with the operands swapped.
+// Row-major c[m, n] = op(a) @ op(b), op(a) [m, k], op(b) [k, n].
 static ffi::Error Gemm(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
                        bool trans_a, bool trans_b) {
-  if (g_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "flaxpod cpu_gemm: no sgemm set");
+  if (flaxpod_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "flaxpod cpu_gemm: no sgemm set");
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
   if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) return Invalid("operands must be 2-D");
   const int64_t m = trans_a ? ad[1] : ad[0], k = trans_a ? ad[0] : ad[1];
@@ -34,14 +29,11 @@ static ffi::Error Gemm(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Re
   const int64_t most = std::numeric_limits<int>::max();
   if (ad[0] > most || ad[1] > most || bd[0] > most || bd[1] > most) return Invalid("a dimension exceeds 2^31-1");
   if (m == 0 || n == 0) return ffi::Error::Success();
-  const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
-  // Leading dimensions: a row-major [r, c] matrix is column-major with leading dimension c (at least 1).
+  // Leading dimensions: a row-major [r, c] matrix has rows c apart (at least 1 for BLAS).
   const int lda = static_cast<int>(ad[1] > 0 ? ad[1] : 1), ldb = static_cast<int>(bd[1] > 0 ? bd[1] : 1);
-  const int ldc = N;
-  const float one = 1.0f, zero = 0.0f;
-  const char op_a = trans_a ? 'T' : 'N', op_b = trans_b ? 'T' : 'N';
   // beta = 0: BLAS does not read c, which XLA leaves uninitialised (k == 0 gives zeros).
-  g_sgemm(&op_b, &op_a, &N, &M, &K, &one, b.typed_data(), &ldb, a.typed_data(), &lda, &zero, c->typed_data(), &ldc);
+  row_major_gemm(trans_a, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f,
+                 a.typed_data(), lda, b.typed_data(), ldb, 0.0f, c->typed_data(), static_cast<int>(n));
   return ffi::Error::Success();
 }
 

@@ -33,8 +33,17 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-SOURCE = Path(__file__).with_name("cpu_gemm.cc")
+# One library: the products (cpu_gemm.cc) and attention (cpu_attention.cc, model/cpu_attention.py), both
+# calling the sgemm that cpu_blas.h declares.
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.cc", "cpu_attention.cc"))
+HEADER = Path(__file__).with_name("cpu_blas.h")
 TARGET = "flaxpod_gemm_f32"
+# FFI target name -> the library's handler symbol.
+HANDLERS = {
+    TARGET: "FlaxpodGemmF32",
+    "flaxpod_attention_forward_f32": "FlaxpodAttentionForwardF32",
+    "flaxpod_attention_backward_f32": "FlaxpodAttentionBackwardF32",
+}
 Product = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -49,7 +58,8 @@ def build(directory: Path) -> Path:
     """The compiled library, built now unless the cache already holds it. Raises RuntimeError naming the
     compiler and its first error line when the build fails."""
     include = jax.ffi.include_dir()
-    key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode()).hexdigest()[:16]
+    code = b"".join(path.read_bytes() for path in (*SOURCES, HEADER))
+    key = hashlib.sha256(code + jaxlib.__version__.encode()).hexdigest()[:16]
     library = directory / f"libflaxpod_cpu_gemm-{key}.so"
     if library.exists():
         return library
@@ -60,12 +70,13 @@ def build(directory: Path) -> Path:
     # Built under a temporary name and renamed: a concurrent or killed build never leaves a partial library.
     fd, partial = tempfile.mkstemp(prefix=library.stem, suffix=".so.partial", dir=directory)
     os.close(fd)
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include}", str(SOURCE), "-o", partial]
+    # -O3: gcc vectorizes the attention kernel's softmax loops only from -O3 on.
+    command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", f"-I{include}", *map(str, SOURCES), "-o", partial]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            raise RuntimeError(f"'{compiler}' failed to build {SOURCE.name}: {first}")
+            raise RuntimeError(f"'{compiler}' failed to build {', '.join(p.name for p in SOURCES)}: {first}")
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):
@@ -87,17 +98,19 @@ def _scipy_sgemm() -> int:
 
 @functools.cache
 def unavailable() -> str | None:
-    """None once the kernel is built, loaded and registered with XLA; else why not (warned once)."""
+    """None once the kernels are built, loaded and registered with XLA; else why not (warned once)."""
     try:
         from threadpoolctl import threadpool_limits
 
         library = ctypes.CDLL(str(build(cache_dir())))
         library.flaxpod_set_sgemm(ctypes.c_void_p(_scipy_sgemm()))
         threadpool_limits(1, user_api="blas")
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.FlaxpodGemmF32), platform="cpu")
+        for target, symbol in HANDLERS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except Exception as error:  # any failure leaves XLA's products, which are correct, only slower
         reason = f"{type(error).__name__}: {error}"
-        warnings.warn(f"flaxpod: CPU matrix products stay on XLA's kernels ({reason})", RuntimeWarning, stacklevel=2)
+        message = f"flaxpod: CPU matrix products and attention stay on XLA's kernels ({reason})"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
         return reason
     return None
 

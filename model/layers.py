@@ -73,17 +73,25 @@ def xla_matmul(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.A
     return jnp.dot(x, w, preferred_element_type=preferred_element_type)
 
 
+# Attention over one step's q [B, T, H, D], k and v [B, S, KV, D], mask [B or 1, T, S] or None, and whether it is
+# causal -> [B, T, H, D], or None where the kernel does not apply (Attention.attend then runs XLA's). None
+# installed by default (sharding/cpu_matmul.py: OpenBLAS attention where the products go through OpenBLAS).
+AttentionKernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None, bool], jax.Array | None]
+
 _matmul: contextvars.ContextVar[Matmul] = contextvars.ContextVar("matmul", default=xla_matmul)
+_attention_kernel: contextvars.ContextVar[AttentionKernel | None] = contextvars.ContextVar("attention", default=None)
 
 
 @contextlib.contextmanager
-def matmul_kernel(matmul: Matmul) -> Iterator[None]:
-    """Within this block (while tracing), `dense` multiplies with `matmul`."""
-    token = _matmul.set(matmul)
+def step_kernels(matmul: Matmul, attention: AttentionKernel | None = None) -> Iterator[None]:
+    """Within this block (while tracing), `dense` multiplies with `matmul` and attention runs `attention`
+    where it applies."""
+    tokens = _matmul.set(matmul), _attention_kernel.set(attention)
     try:
         yield
     finally:
-        _matmul.reset(token)
+        _matmul.reset(tokens[0])
+        _attention_kernel.reset(tokens[1])
 
 
 def dense(x: jax.Array, w: jax.Array, in_dims: int = 1, preferred_element_type=None) -> jax.Array:
@@ -217,6 +225,13 @@ class Attention(nnx.Module):
             return jax.nn.dot_product_attention(
                 q, k, v, mask=mask, is_causal=causal, implementation=self.cfg.attention_impl
             )
+        kernel = _attention_kernel.get()
+        if kernel is not None and not (dropout_key is not None and self.cfg.dropout):
+            # Causal as the query blocks below assume it: no mask (plain causal), or a decoder's self-attention.
+            causal = mask is None or (not self.cfg.bidirectional and t == k.shape[1])
+            out = kernel(q, k, v, mask, causal)
+            if out is not None:
+                return out
         if mask is None:
             mask = attention_mask(None, t)
         groups = h // self.n_kv

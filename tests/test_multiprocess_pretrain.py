@@ -49,7 +49,7 @@ def test_two_processes_match_one(tmp_path, mesh_shape, products):
     assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
     assert "[p0] " in two.stdout and "[p1] " in two.stdout
     assert "over 8 devices in 2 process(es)" in two.stdout
-    line = f"CPU matrix products: {products} (mesh.cpu_matmul=auto)"
+    line = f"CPU matrix products and attention: {products} (mesh.cpu_matmul=auto)"
     assert line in one.stdout and f"[p0] {line}" in two.stdout
     # Only process 0 writes metrics and logs its progress.
     assert "[p1] step" not in two.stdout

@@ -95,9 +95,10 @@ class MeshConfig:
     allow; 1: JAX's single CPU device with a thread pool. Ignored when XLA_FLAGS sets
     --xla_force_host_platform_device_count or under jax.distributed (sharding/cpu_devices.py)."""
     cpu_matmul: str = "auto"
-    """CPU only: `auto` runs the dense layers' float32 matrix products through OpenBLAS (a small kernel built
-    on first use with the machine's C++ compiler) when every CPU device has a core and the parameters are
-    replicated, else XLA's; `xla`: always XLA's (sharding/cpu_matmul.py, model/cpu_gemm.py)."""
+    """CPU only: `auto` runs the dense layers' float32 matrix products and the attention (without dropout)
+    through OpenBLAS (small kernels built on first use with the machine's C++ compiler) when every CPU device
+    has a core and the parameters are replicated, else XLA's; `xla`: always XLA's (sharding/cpu_matmul.py,
+    model/cpu_gemm.py, model/cpu_attention.py)."""
 
 
 @dataclass

@@ -133,7 +133,7 @@ def describe(trainer: Trainer, cfg: Config) -> None:
     )
     if on_cpu(trainer.mesh):
         kernel = "XLA's" if trainer.matmul is xla_matmul else "OpenBLAS sgemm, one thread per device"
-        log(f"CPU matrix products: {kernel} (mesh.cpu_matmul={cfg.mesh.cpu_matmul})")
+        log(f"CPU matrix products and attention: {kernel} (mesh.cpu_matmul={cfg.mesh.cpu_matmul})")
     if cfg.logging.show_sharding:
         log(sharding_table(trainer.layout.shapes.params, trainer.layout.param_shardings))
 

@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import optax
 from flaxpod.model.axes import activation_sharding
-from flaxpod.model.layers import Matmul, matmul_kernel
+from flaxpod.model.layers import AttentionKernel, Matmul, step_kernels
 from flaxpod.model.transformer import count_params
 from flaxpod.sharding.cpu_devices import cpu_compiler_options
-from flaxpod.sharding.cpu_matmul import cpu_matmul
+from flaxpod.sharding.cpu_matmul import cpu_kernels
 from flaxpod.sharding.mesh import batch_sharding, build_mesh, put_batch
 from flaxpod.sharding.rules import Rules, activation_resolver, make_rules
 from flaxpod.train.config import Config, ModelConfig, check_against_devices
@@ -51,7 +51,9 @@ class Trainer:
         self.layout: StateLayout = make_layout(model, tx, mesh, rules)
         self.batch_sharding: NamedSharding = batch_sharding(mesh, rules)
         replicated = all(s.is_fully_replicated for s in jax.tree.leaves(self.layout.param_shardings))
-        self.matmul: Matmul = cpu_matmul(mesh, _axes(self.batch_sharding.spec[0]), replicated, matmul)
+        kernels = cpu_kernels(mesh, _axes(self.batch_sharding.spec[0]), replicated, matmul)
+        self.matmul: Matmul = kernels[0]
+        self.attention: AttentionKernel | None = kernels[1]
         # LoRA's frozen base gets no weight gradient computed: the step stops it.
         frozen_mask = None if trainable is None else jax.tree.map(lambda t: not t, trainable(self.layout.shapes.params))
         dropout = model.dropout > 0 or (model.lora.rank > 0 and model.lora.dropout > 0)
@@ -119,12 +121,12 @@ class Trainer:
         )
 
     def _traced_on_mesh(self, fn: Callable) -> Callable:
-        """`fn` traced with the mesh's activation-sharding hints and matrix product installed (jit traces
+        """`fn` traced with the mesh's activation-sharding hints, matrix product and attention installed (jit traces
         lazily, on the first call, so they must be installed inside the traced function)."""
         resolver = activation_resolver(self.mesh, self.rules)
 
         def traced(*args):
-            with activation_sharding(resolver), matmul_kernel(self.matmul):
+            with activation_sharding(resolver), step_kernels(self.matmul, self.attention):
                 return fn(*args)
 
         return traced
