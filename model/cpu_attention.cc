@@ -53,8 +53,11 @@ ffi::Error Invalid(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "flaxpod cpu_attention: " + what);
 }
 
-ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                     const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::U8>& mask, bool has_mask, Dims* dims) {
+// What both handlers check before touching memory: the sgemm is set, the shapes agree, block > 0.
+ffi::Error CheckCall(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                     const ffi::Buffer<ffi::U8>& mask, bool has_mask, int64_t block, Dims* dims) {
+  if (flaxpod_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "flaxpod cpu_attention: no sgemm set");
+  if (block < 1) return Invalid("block must be positive");
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return Invalid("q, k and v must be 4-D");
   *dims = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
@@ -87,10 +90,8 @@ int64_t KeysOf(const Dims& n, bool causal, int64_t t0, int64_t rows) { return ca
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probs,
                    bool causal, bool has_mask, int64_t block) {
-  if (flaxpod_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "flaxpod cpu_attention: no sgemm set");
   Dims n;
-  if (auto error = CheckDims(q, k, v, mask, has_mask, &n); error.failure()) return error;
-  if (block < 1) return Invalid("block must be positive");
+  if (auto error = CheckCall(q, k, v, mask, has_mask, block, &n); error.failure()) return error;
   const float scale = 1.0f / std::sqrt(static_cast<float>(n.d));
   const uint8_t* allowed = mask.typed_data();
   for (int64_t b = 0; b < n.b; ++b) {
@@ -133,10 +134,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
                     ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> probs,
                     ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, bool causal, bool has_mask, int64_t block) {
-  if (flaxpod_sgemm == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "flaxpod cpu_attention: no sgemm set");
   Dims n;
-  if (auto error = CheckDims(q, k, v, mask, has_mask, &n); error.failure()) return error;
-  if (block < 1) return Invalid("block must be positive");
+  if (auto error = CheckCall(q, k, v, mask, has_mask, block, &n); error.failure()) return error;
   const float scale = 1.0f / std::sqrt(static_cast<float>(n.d));
   std::fill(dk->typed_data(), dk->typed_data() + n.b * n.s * n.kv * n.d, 0.0f);  // accumulated over heads and blocks
   std::fill(dv->typed_data(), dv->typed_data() + n.b * n.s * n.kv * n.d, 0.0f);

@@ -6,13 +6,15 @@ shape), and jaxlib's Eigen kernels are slow on one core: that model's MLP produc
 37.4 / 45.7 / 45.6 for PyTorch (docs/benchmarks.md, issue 16; jaxlib 0.10.2's kernels look built without
 FMA instructions). XLA:CPU offers no other BLAS: oneDNN and XNNPACK matched Eigen, YNNPACK won on one
 product of three. So cpu_gemm.cc, a small XLA FFI handler, calls the sgemm of SciPy's OpenBLAS (SciPy
-is a JAX dependency; its `cython_blas` hands out the function's address). It is compiled on first use
-with the machine's C++ compiler (`$CXX`, else `c++`) against the FFI headers jaxlib ships, into a cache
-directory (`$FLAXPOD_CACHE_DIR`, else `$XDG_CACHE_HOME/flaxpod`, else ~/.cache/flaxpod), keyed by the
-source and jaxlib's version; without a compiler, or if anything fails, products stay on XLA (one warning).
+is a JAX dependency; its `cython_blas` hands out the function's address). The same library holds the
+attention kernel (cpu_attention.cc, model/cpu_attention.py), which calls that sgemm too (cpu_blas.h).
+It is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) against the FFI headers
+jaxlib ships, into a cache directory (`$FLAXPOD_CACHE_DIR`, else `$XDG_CACHE_HOME/flaxpod`, else
+~/.cache/flaxpod), keyed by the sources and jaxlib's version; without a compiler, or if anything fails,
+products and attention stay on XLA's kernels (one warning).
 
 OpenBLAS is set to one thread per call (all BLAS libraries of the process, through threadpoolctl): the
-kernel runs where each CPU device has a core to itself (sharding/cpu_matmul.py decides), and BLAS
+kernels run where each CPU device has a core to itself (sharding/cpu_matmul.py decides), and BLAS
 threads of their own would fight the other devices' for the cores.
 """
 

@@ -107,8 +107,9 @@ def test_model_logits_and_all_gradients_equal_xla(family):
             with step_kernels(matmul, attention):
                 return nnx.merge(graphdef, p)(tokens, segment_ids=segment_ids)
 
-        hlo = jax.jit(jax.grad(lambda p: jnp.sum(logits(p) * weights))).lower(params).as_text()
-        grads = jax.jit(jax.grad(lambda p: jnp.sum(logits(p) * weights)))(params)
+        gradients = jax.jit(jax.grad(lambda p: jnp.sum(logits(p) * weights)))
+        hlo = gradients.lower(params).as_text()
+        grads = gradients(params)
         calls = hlo.count(cpu_gemm.TARGET), hlo.count(cpu_attention.BACKWARD)
         return jax.jit(logits)(params), grads, calls
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import optax
 from flaxpod.model.axes import activation_sharding
-from flaxpod.model.layers import AttentionKernel, Matmul, step_kernels
+from flaxpod.model.layers import step_kernels
 from flaxpod.model.transformer import count_params
 from flaxpod.sharding.cpu_devices import cpu_compiler_options
 from flaxpod.sharding.cpu_matmul import cpu_kernels
@@ -51,9 +51,7 @@ class Trainer:
         self.layout: StateLayout = make_layout(model, tx, mesh, rules)
         self.batch_sharding: NamedSharding = batch_sharding(mesh, rules)
         replicated = all(s.is_fully_replicated for s in jax.tree.leaves(self.layout.param_shardings))
-        kernels = cpu_kernels(mesh, _axes(self.batch_sharding.spec[0]), replicated, matmul)
-        self.matmul: Matmul = kernels[0]
-        self.attention: AttentionKernel | None = kernels[1]
+        self.matmul, self.attention = cpu_kernels(mesh, _axes(self.batch_sharding.spec[0]), replicated, matmul)
         # LoRA's frozen base gets no weight gradient computed: the step stops it.
         frozen_mask = None if trainable is None else jax.tree.map(lambda t: not t, trainable(self.layout.shapes.params))
         dropout = model.dropout > 0 or (model.lora.rank > 0 and model.lora.dropout > 0)
