@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import pytest
 from flaxpod.sharding import cpu_devices
 from flaxpod.sharding.cpu_devices import KEEP_BARRIERS, ONE_THREAD_OPTIONS, auto_cpu_device_count, claim_cpu_devices
 from flaxpod.sharding.mesh import build_mesh
+from flaxpod.train import dispatch
 from flaxpod.train.config import ConfigError, MeshConfig, load_config
 
 from tests.helpers import REPO, run_cli, tiny_overrides, write_corpus
@@ -121,3 +123,30 @@ def test_kept_barriers_stop_the_residual_gradient_fusing_across_layers():
 
     kept, dropped = widest_fusion({**KEEP_BARRIERS, **ONE_THREAD_OPTIONS}), widest_fusion(ONE_THREAD_OPTIONS)
     assert kept <= 40 and dropped > 2 * kept, (kept, dropped)
+
+
+def test_a_long_log_interval_does_not_run_the_host_out_of_admissions(tmp_path):
+    """A run that fetches its metrics only every 80 steps, on 8 CPU devices: XLA's CPU client admits 32
+    computations per device ahead of the host, and a host that dispatched further deadlocked the devices at
+    the step's all-reduce (XLA aborts the process after its 60-second rendezvous timeout; 3 of 3 runs before
+    train/dispatch.py). The loop keeps the host a few steps ahead; the run finishes and logs its one row."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run_dir = tmp_path / "run"
+    # steps long enough (tens of ms) that the host's dispatch outruns them
+    shape = {"model.n_layer": 4, "model.d_model": 128, "model.seq_len": 64, "data.batch_size": 16}
+    steps = {"train.steps": 80, "train.log_every": 80, "train.eval_every": 80, "checkpoint.every": 80}
+    result = run_cli(["pretrain", "configs/tiny.yaml", *tiny_overrides(run_dir, corpus, **shape, **steps)], timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [80]
+
+
+def test_step_window_waits_for_the_step_dispatched_ahead_steps_before(monkeypatch):
+    waited = []
+    monkeypatch.setattr(dispatch, "jax", SimpleNamespace(block_until_ready=waited.append))
+    window = dispatch.StepWindow(ahead=2)
+    for step in range(1, 6):
+        window.dispatched({"loss": step})
+    assert waited == [{"loss": 1}, {"loss": 2}, {"loss": 3}]  # after steps 3, 4, 5: never more than 2 in flight
+    with pytest.raises(ValueError, match="ahead must be at least 1, got 0"):
+        dispatch.StepWindow(ahead=0)

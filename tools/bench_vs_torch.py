@@ -34,6 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flaxpod.train.config import Config, ConfigError, load_config
+from flaxpod.train.dispatch import StepWindow
 from flaxpod.train.flops import flops_per_token, measure_matmul_flops
 from flaxpod.train.loop import VOCAB_MULTIPLE
 from flaxpod.train.optimizer import make_optimizer
@@ -120,9 +121,11 @@ def build_flaxpod(cfg: Config, name: str = "flaxpod", devices: list | None = Non
     trainer = one_device_trainer(cfg) if devices is None else data_parallel_trainer(cfg, devices)
     holder = {"state": trainer.init_state(cfg.seed)}
     initial = jax.tree.map(np.asarray, jax.device_get(holder["state"].params))
+    window = StepWindow()  # as far ahead of the devices as train/loop.py's host runs
 
     def step(batch: NpBatch):
         holder["state"], metrics = trainer.step(holder["state"], trainer.put(batch))
+        window.dispatched(metrics)
         return metrics["loss"]
 
     def wait(loss) -> float:

@@ -26,6 +26,7 @@ from flaxpod.sharding.mesh import sharding_table
 from flaxpod.train.checkpoint import Checkpointer, PartialParams, make_run_info
 from flaxpod.train.config import Config, ConfigError, check_against_devices, config_from_dict, save_config, to_dict
 from flaxpod.train.data_source import RunData, load_run_data
+from flaxpod.train.dispatch import StepWindow
 from flaxpod.train.early_stopping import EarlyStopping
 from flaxpod.train.faults import Decision, NonFiniteWatch, RunControl, StopRequested
 from flaxpod.train.flops import flops_per_token, peak_flops_per_device
@@ -244,6 +245,7 @@ def _fit(
     )
     nonfinite = NonFiniteWatch(cfg.train.nonfinite, skipped_at_start=int(state.skipped_steps))
     pending: list[tuple[int, dict]] = []  # metrics of the steps not yet fetched from the device
+    window = StepWindow()  # the host stays a few steps ahead of the devices (train/dispatch.py)
 
     def fetch_pending() -> list[tuple[int, dict]]:
         """Fetches (waits for) the pending steps' metrics and applies train.nonfinite to them."""
@@ -264,6 +266,7 @@ def _fit(
                 state, metrics = trainer.step(state, trainer.put(next(train_iter)))
                 step += 1
                 pending.append((step, metrics))
+                window.dispatched(metrics)
                 interval_steps += 1
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     row = fetch_pending()[-1][1]
