@@ -136,7 +136,8 @@ class TrainConfig:
     steps: int = 200
     """Optimizer steps to train."""
     log_every: int = 10
-    """Steps between metric rows / progress lines (metrics are fetched from the device only then)."""
+    """Steps between metric rows / progress lines (metrics are fetched from the device only then; the host
+    still waits for the step dispatched 4 steps before, train/dispatch.py)."""
     eval_every: int = 100
     """Steps between validation evaluations; 0 disables (an evaluation also runs at the end)."""
     eval_steps: int = 10
